@@ -1,0 +1,3 @@
+"""seektune: customise DeepSeek-family language models end to end."""
+
+__version__ = "0.1.0"
