@@ -63,7 +63,8 @@ class ModelConfig(Section):
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
     attn_implementation: str | None = Field(
-        None, description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); None lets transformers pick."
+        None,
+        description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); None lets transformers pick.",
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template to use instead of the tokenizer's (or the family preset's)."
@@ -83,7 +84,6 @@ class SourceConfig(Section):
         BUILTIN_DATASET,
         description="A JSONL/JSON file, or 'builtin:stdlib-docs-qa' (Q&A built from the Python docs).",
     )
-    weight: float = Field(1.0, gt=0, description="Relative share of this source when sources are mixed.")
 
 
 class DataConfig(Section):
@@ -133,7 +133,9 @@ class TrainConfig(Section):
     """The optimisation loop."""
 
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0)."
+    )
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 runs whole epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimiser step.")
@@ -148,7 +150,9 @@ class TrainConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
-    eval_steps: int | None = Field(None, ge=1, description="Validation loss every N steps; None: once per epoch.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validation loss every N steps; None: once per epoch."
+    )
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; None: once per epoch.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
@@ -315,9 +319,7 @@ def _describe_validation_error(exc: ValidationError, source: str) -> str:
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
             section = ".".join(str(p) for p in loc[:-1]) or "the top level"
-            problems.append(
-                f"{dotted}: unknown key{did_you_mean} Allowed in {section}: {', '.join(allowed)}"
-            )
+            problems.append(f"{dotted}: unknown key{did_you_mean} Allowed in {section}: {', '.join(allowed)}")
         else:
             got = err.get("input")
             shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"

@@ -1,0 +1,196 @@
+"""The `seektune` command line: parses arguments, loads the config, calls a stage or the pipeline.
+
+It holds no stage logic. A `UserError` is printed as one line and exits with code 2 (with the traceback
+only under `--debug`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from seektune.config import SeektuneConfig, config_schema, config_to_yaml, load_config
+from seektune.errors import UserError
+from seektune.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="Customise DeepSeek-family language models end to end: data, fine-tuning, evaluation and more.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show the resolved config or its JSON schema.", no_args_is_help=True)
+data_app = typer.Typer(help="The data stage.", no_args_is_help=True)
+base_app = typer.Typer(help="The offline base model tiny-deepseek-v3.", no_args_is_help=True)
+registry_app = typer.Typer(help="The model registry.", no_args_is_help=False, invoke_without_command=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(base_app, name="base")
+app.add_typer(registry_app, name="registry")
+
+_debug = {"on": False}
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer reads the annotation at run time on Python 3.10
+    typer.Option("--set", "-s", help="Override a key by dotted path, e.g. --set train.learning_rate=2e-5."),
+]
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log one JSON object per event on stderr.")
+    ] = False,
+) -> None:
+    _debug["on"] = debug
+    setup_logging(debug=debug, json_events=log_json)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> SeektuneConfig:
+    return load_config(config, overrides or [])
+
+
+def _done(run_dir: Path) -> None:
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run the whole loop: data, base evaluation, fine-tuning, evaluation of the tuned model, report."""
+    from seektune.pipeline import run_pipeline
+
+    run_dir = run_pipeline(_load(config, set_)).path
+    _done(run_dir)
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+@data_app.command("prepare")
+def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Load, split and tokenise the data; write it and its report into a run directory."""
+    from seektune.pipeline import run_data_stage
+
+    _done(run_data_stage(_load(config, set_)).path)
+
+
+@app.command()
+def train(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Prepare the data and fine-tune, without evaluation."""
+    from seektune.pipeline import run_train_stage
+
+    _done(run_train_stage(_load(config, set_)).path)
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file.")] = None,  # noqa: UP045
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Model to evaluate: a hub id, a model folder or a run directory."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model on the test split of the configured data."""
+    from seektune.pipeline import run_eval_stage
+
+    overrides = list(set_ or [])
+    if model is not None:
+        overrides.append(f"model.name_or_path={json.dumps(model)}")
+    _done(run_eval_stage(_load(config, overrides)).path)
+
+
+def _not_yet(what: str) -> None:
+    raise UserError(f"{what} is not available in this version of seektune yet")
+
+
+@app.command()
+def tune(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Hyperparameter search with Optuna."""
+    _load(config, set_)
+    _not_yet("hyperparameter search (seektune tune)")
+
+
+@app.command()
+def compress(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Merge adapters, quantise, prune or distil a tuned model."""
+    _load(config, set_)
+    _not_yet("compression (seektune compress)")
+
+
+@app.command()
+def serve(
+    model_or_run: Annotated[str, typer.Argument(help="Model folder, hub id or run directory.")],
+) -> None:
+    """Serve a model with an OpenAI-compatible API."""
+    _not_yet("serving (seektune serve)")
+
+
+@registry_app.callback()
+def registry() -> None:
+    """List, compare and promote registered model versions."""
+    _not_yet("the model registry (seektune registry)")
+
+
+@base_app.command("build")
+def base_build(
+    config: Annotated[Optional[Path], typer.Option(help="Config whose model.base recipe to use.")] = None,  # noqa: UP045
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when a cached build exists.")] = False,
+) -> None:
+    """Build (or find in the cache) the offline base model tiny-deepseek-v3 and print its directory."""
+    from seektune.models.tiny import build_base, ensure_base
+
+    cfg = _load(config, set_)
+    build = build_base if force else ensure_base
+    typer.echo(str(build(cfg.model.base, cfg.model.cache_dir)))
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved config (every default written out) as YAML."""
+    typer.echo(config_to_yaml(_load(config, set_)), nl=False)
+
+
+@config_app.command("schema")
+def config_schema_cmd() -> None:
+    """Print the JSON schema of the config."""
+    typer.echo(json.dumps(config_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    import click
+
+    try:
+        app(args=argv, prog_name="seektune", standalone_mode=False)
+    except UserError as exc:
+        if _debug["on"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def console() -> None:
+    """The `seektune` executable."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,157 @@
+"""The training stage on transformers' `Trainer`.
+
+seektune's part is the mapping from the `train` config section to `TrainingArguments` (with the choices
+that are right on this hardware: fp32 and no gradient checkpointing on a CPU, bf16 where the GPU has it),
+the collator that pads labels with -100, the record of the loss history for the report, and saving the
+final artefact (adapter or full model, with the tokenizer) into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seektune.config import TrainConfig
+from seektune.data.prepare import IGNORE_INDEX, PreparedData
+from seektune.errors import UserError
+from seektune.logs import ProgressCallback, log_event
+from seektune.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What the training stage produced."""
+
+    model_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    runtime_s: float = 0.0
+    tokens_per_s: float | None = None
+    steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "runtime_s": round(self.runtime_s, 2),
+            "tokens_per_s": self.tokens_per_s,
+            "steps": self.steps,
+            "model_dir": str(self.model_dir),
+        }
+
+
+def precision_flags(precision: str, device: torch.device) -> dict[str, bool]:
+    """`bf16`/`fp16` flags for TrainingArguments; 'auto' is bf16 where the GPU supports it, else fp32."""
+    if precision == "auto":
+        on_bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return {"bf16": on_bf16_gpu, "fp16": False}
+    if precision in {"bf16", "fp16"} and device.type == "cpu":
+        logger.warning(
+            "train.precision=%s on a CPU: most CPUs have no fast %s path; fp32 is faster there",
+            precision,
+            precision,
+        )
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("train.precision=fp16 needs a GPU: use fp32 (or auto) on a CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(cfg: TrainConfig, run: RunDir, seed: int, device: torch.device, has_validation: bool):
+    """The `TrainingArguments` of one run, from the `train` section."""
+    from transformers import TrainingArguments
+
+    per_epoch = cfg.eval_steps is None
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("epoch" if per_epoch else "steps") if has_validation else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="epoch" if cfg.save_steps is None else "steps",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=device.type == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=0,
+        **precision_flags(cfg.precision, device),
+    )
+
+
+def _dataset(rows: list[dict[str, list[int]]]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows) if rows else None
+
+
+def train(
+    cfg: TrainConfig, model: Any, tokenizer: Any, data: PreparedData, run: RunDir, seed: int
+) -> TrainResult:
+    """Fine-tune `model` on the prepared training split; save the result to `<run>/model`."""
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    device = next(model.parameters()).device
+    train_set = _dataset(data.tokenized["train"])
+    eval_set = _dataset(data.tokenized["validation"])
+    callback = ProgressCallback()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, run, seed, device, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        callbacks=[callback],
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    runtime = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    model_dir = run.path / "model"
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    epochs_done = (
+        output.global_step * cfg.batch_size * cfg.gradient_accumulation_steps / max(len(train_set), 1)
+    )
+    tokens = data.report["train_tokens"] * epochs_done
+    result = TrainResult(
+        model_dir=model_dir,
+        history=_history(trainer.state.log_history),
+        train_loss=round(output.training_loss, 4),
+        eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
+        runtime_s=runtime,
+        tokens_per_s=round(tokens / runtime, 1) if runtime > 0 else None,
+        steps=output.global_step,
+    )
+    log_event(logger, "training finished", **result.summary())
+    return result
+
+
+def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+    rows = []
+    for entry in log_history:
+        if "loss" in entry or "eval_loss" in entry:
+            rows.append({k: entry[k] for k in keep if k in entry})
+    return rows
