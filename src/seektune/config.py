@@ -39,9 +39,9 @@ class BaseBuildConfig(Section):
     num_experts_per_tok: int = Field(2, ge=1, description="Routed experts each token is sent to.")
     moe_intermediate_size: int = Field(192, ge=8, description="Hidden size of each routed expert.")
     intermediate_size: int = Field(512, ge=8, description="Hidden size of the dense MLP block.")
-    context_length: int = Field(256, ge=32, description="Tokens per pre-training sequence.")
-    pretrain_steps: int = Field(600, ge=0, description="Optimiser steps of causal-LM pre-training.")
-    batch_size: int = Field(16, ge=1, description="Sequences per pre-training step.")
+    context_length: int = Field(128, ge=32, description="Tokens per pre-training sequence.")
+    pretrain_steps: int = Field(1000, ge=0, description="Optimiser steps of causal-LM pre-training.")
+    batch_size: int = Field(8, ge=1, description="Sequences per pre-training step.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate of pre-training (cosine decay).")
     seed: int = Field(1234, description="Seed of the tokenizer corpus order, the weights and the batches.")
 

@@ -243,6 +243,10 @@ def setup_logging(*, debug: bool = False, json_events: bool = False, log_file: P
     _remove_handlers(_state.file_handlers)
     _state.json_events = json_events
     _silence_library_printers()
+    # Libraries that log through the root logger (absl, used by rouge-score) call logging.basicConfig(),
+    # which would print every record a second time; a root handler makes that call a no-op.
+    if not logging.root.handlers:
+        logging.root.addHandler(logging.NullHandler())
     logging.getLogger(PACKAGE_LOGGER).setLevel(logging.DEBUG)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -8,6 +8,7 @@ the errors users cause (a wrong path, a hub model missing from the offline cache
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -102,6 +103,10 @@ def resolve_model_path(cfg: ModelConfig) -> str:
             f"model.name_or_path {name!r} is not a directory: give a folder written by save_pretrained, "
             f"a Hugging Face model id (org/name) or {BUILTIN_BASE!r}"
         )
+    if (path / "model").is_dir() and (path / "status.json").is_file():
+        path = path / "model"  # a seektune run directory: its trained model
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return str(path)  # an adapter folder; load_model loads its base first
     if not (path / "config.json").is_file():
         raise UserError(
             f"model directory {str(path)!r} has no config.json: point model.name_or_path at the folder "
@@ -152,11 +157,34 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     return tokenizer
 
 
+def adapter_base(adapter_dir: str) -> str | None:
+    """The base model an adapter folder was trained on, or None when `adapter_dir` is no adapter folder."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file() or (Path(adapter_dir) / "config.json").is_file():
+        return None
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"adapter {adapter_dir} does not name its base model (base_model_name_or_path)")
+    return base
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load model and tokenizer; the family is detected from config.json before the weights are read."""
+    """Load model and tokenizer; the family is detected from config.json before the weights are read.
+
+    An adapter folder (or a run directory holding one) loads its base model, then the adapter on top.
+    """
+    path = resolve_model_path(cfg)
+    base = adapter_base(path)
+    if base is not None:
+        from seektune.models.methods import load_adapter
+
+        loaded = load_model(cfg.model_copy(update={"name_or_path": base}))
+        loaded.model = load_adapter(loaded.model, path)
+        loaded.path = path
+        logger.info("loaded adapter %s on %s", path, base)
+        return loaded
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    path = resolve_model_path(cfg)
     with _user_facing_load_errors(cfg.name_or_path):
         config = AutoConfig.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision

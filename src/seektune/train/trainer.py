@@ -81,7 +81,7 @@ def training_arguments(cfg: TrainConfig, run: RunDir, seed: int, device: torch.d
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
         eval_strategy=("epoch" if per_epoch else "steps") if has_validation else "no",
         eval_steps=cfg.eval_steps,
@@ -110,7 +110,7 @@ def train(
     cfg: TrainConfig, model: Any, tokenizer: Any, data: PreparedData, run: RunDir, seed: int
 ) -> TrainResult:
     """Fine-tune `model` on the prepared training split; save the result to `<run>/model`."""
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
     device = next(model.parameters()).device
     train_set = _dataset(data.tokenized["train"])
@@ -124,8 +124,12 @@ def train(
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=[callback],
     )
+    trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
     started = time.perf_counter()
-    output = trainer.train()
+    try:
+        output = trainer.train()
+    finally:
+        callback.close()
     runtime = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     model_dir = run.path / "model"

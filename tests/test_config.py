@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from seektune.config import SeektuneConfig, config_schema, config_to_yaml, load_config
+from seektune.errors import UserError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_cover_every_section():
+    cfg = load_config(None)
+    for section in ("data", "model", "method", "train", "tune", "eval", "compress", "serve", "registry"):
+        assert hasattr(cfg, section)
+    assert cfg.model.name_or_path == "tiny-deepseek-v3"
+
+
+def test_every_field_has_a_description():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(SeektuneConfig)
+
+
+def test_unknown_key_names_file_dotted_key_and_allowed(tmp_path):
+    path = write(tmp_path, "train:\n  learnin_rate: 1e-4\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "train.learnin_rate: unknown key" in message
+    assert "did you mean 'learning_rate'" in message
+    assert "batch_size" in message  # the allowed keys are listed
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: many\n")
+    with pytest.raises(UserError, match=r"train\.batch_size: .*integer.*many"):
+        load_config(path)
+
+
+def test_nested_unknown_key_in_a_list(tmp_path):
+    path = write(tmp_path, "data:\n  sources:\n    - pth: x.jsonl\n")
+    with pytest.raises(UserError, match=r"data\.sources\.0\.pth: unknown key; did you mean 'path'"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML at line 2"):
+        load_config(write(tmp_path, "train:\n  - : [\n"))
+    with pytest.raises(UserError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_set_overrides_are_validated_like_the_file(tmp_path):
+    cfg = load_config(None, ["train.learning_rate=2e-5", "method.lora.target_modules=[q_proj, o_proj]"])
+    assert cfg.train.learning_rate == 2e-5
+    assert cfg.method.lora.target_modules == ["q_proj", "o_proj"]
+    with pytest.raises(UserError, match=r"train\.learning_rate"):
+        load_config(None, ["train.learning_rate=fast"])
+    with pytest.raises(UserError, match=r"dotted\.key=value"):
+        load_config(None, ["train.learning_rate"])
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(None, ["train.nope=1"])
+
+
+def test_cross_field_rule():
+    with pytest.raises(UserError, match="validation_ratio \\+ test_ratio"):
+        load_config(None, ["data.validation_ratio=0.5", "data.test_ratio=0.5"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=7", "method.name=dora"])
+    again = load_config(write(tmp_path, config_to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_schema_describes_sections():
+    schema = config_schema()
+    assert {"data", "model", "method", "train", "eval"} <= set(schema["properties"])
+    assert "description" in schema["$defs"]["TrainConfig"]["properties"]["learning_rate"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")))
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.name

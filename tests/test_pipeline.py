@@ -1,0 +1,93 @@
+"""End-to-end runs of the pipeline on the reduced offline base."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seektune.config import load_config, validate_config
+from seektune.pipeline import run_eval_stage, run_pipeline
+from support import tiny_run_config
+
+_VOLATILE = {"seconds", "runtime_s", "tokens_per_s", "model_dir"}
+
+
+def _stable(metrics: dict) -> dict:
+    if isinstance(metrics, dict):
+        return {k: _stable(v) for k, v in metrics.items() if k not in _VOLATILE}
+    return metrics
+
+
+def test_same_config_and_seed_give_the_same_metrics(tmp_path, base_cache):
+    cfg = validate_config(tiny_run_config(tmp_path, base_cache))
+    first = json.loads(run_pipeline(cfg).metrics_path.read_text())
+    second = json.loads(run_pipeline(cfg).metrics_path.read_text())
+    assert _stable(first) == _stable(second)
+    assert first["eval"]["base"]["n"] == 16
+
+
+def test_run_directory_holds_every_artefact(tmp_path, base_cache):
+    run = run_pipeline(validate_config(tiny_run_config(tmp_path, base_cache)))
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "metrics.json",
+        "report.md",
+        "status.json",
+        "plots/loss.png",
+        "data/report.json",
+        "data/test.jsonl",
+        "train/history.json",
+        "eval/base-answers.jsonl",
+        "eval/tuned-answers.jsonl",
+        "logs/events.jsonl",
+        "model/adapter_config.json",
+    ):
+        assert (run.path / name).is_file(), name
+    assert json.loads(run.status_path.read_text())["state"] == "completed"
+    environment = json.loads(run.environment_path.read_text())
+    assert environment["seed"] == 42 and environment["torch"]
+    assert "data" in json.loads(run.metrics_path.read_text())
+    # The trained adapter (through its run directory) evaluates like any model.
+    again = run_eval_stage(
+        validate_config(tiny_run_config(tmp_path, base_cache, model={"name_or_path": str(run.path)}))
+    )
+    tuned = json.loads(run.metrics_path.read_text())["eval"]["tuned"]
+    assert json.loads(again.metrics_path.read_text())["eval"]["model"]["perplexity"] == pytest.approx(
+        tuned["perplexity"], rel=1e-4
+    )
+
+
+def test_tuned_model_beats_the_base(tmp_path, base_cache):
+    raw = tiny_run_config(
+        tmp_path,
+        base_cache,
+        data={"max_train_samples": 1024, "max_eval_samples": 48},
+        train={"max_steps": -1, "epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "logging_steps": 8},
+        eval={"max_new_tokens": 32, "batch_size": 24},
+    )
+    run = run_pipeline(validate_config(raw))
+    metrics = json.loads(run.metrics_path.read_text())
+    base, tuned = metrics["eval"]["base"], metrics["eval"]["tuned"]
+    assert tuned["perplexity"] < base["perplexity"]
+    assert tuned["rouge_l"] > base["rouge_l"]
+    assert tuned["eos_rate"] > 0.5 > base["eos_rate"]
+    report = run.report_path.read_text()
+    assert "beats the base" in report
+    assert "plots/loss.png" in report
+
+
+@pytest.mark.slow
+def test_quickstart_config_beats_the_base(tmp_path):
+    """configs/quickstart.yaml as the README runs it (its own full-size base, built here from scratch)."""
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(
+        quickstart, [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={tmp_path / 'cache'}"]
+    )
+    run = run_pipeline(cfg)
+    improvement = json.loads(run.metrics_path.read_text())["eval"]["improvement"]
+    assert improvement["perplexity_relative"] < -0.2
+    assert improvement["rouge_l"] > 0
+    tuned = json.loads(run.metrics_path.read_text())["eval"]["tuned"]
+    assert tuned["eos_rate"] > 0.9
+    assert "beats the base" in run.report_path.read_text()
