@@ -37,7 +37,7 @@ def test_unknown_key_names_file_dotted_key_and_allowed(tmp_path):
     message = str(err.value)
     assert str(path) in message
     assert "train.learnin_rate: unknown key" in message
-    assert "did you mean 'learning_rate'" in message
+    assert "did you mean 'learning_rate'?" in message
     assert "batch_size" in message  # the allowed keys are listed
 
 
@@ -49,7 +49,7 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 def test_nested_unknown_key_in_a_list(tmp_path):
     path = write(tmp_path, "data:\n  sources:\n    - pth: x.jsonl\n")
-    with pytest.raises(UserError, match=r"data\.sources\.0\.pth: unknown key; did you mean 'path'"):
+    with pytest.raises(UserError, match=r"data\.sources\.0\.pth: unknown key \(did you mean 'path'"):
         load_config(path)
 
 

@@ -307,26 +307,31 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def _describe_validation_error(exc: ValidationError, source: str) -> str:
-    problems = []
+    problems: dict[str, list[str]] = {}  # dotted key -> what is wrong (a union reports once per member)
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Union members add their type name to the location (e.g. 'literal['auto','all-linear']').
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int"})))
         dotted = ".".join(str(p) for p in loc) or "<top level>"
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(tuple(p for p in loc if not isinstance(p, int)))
-            allowed = sorted(owner.model_fields) if owner else []
-            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
-            section = ".".join(str(p) for p in loc[:-1]) or "the top level"
-            problems.append(f"{dotted}: unknown key{did_you_mean} Allowed in {section}: {', '.join(allowed)}")
-        else:
-            got = err.get("input")
-            shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
-            if len(shown) > 60:
-                shown = shown[:57] + "..."
-            problems.append(f"{dotted}: {err['msg']} (got {shown})")
-    return f"{source}: " + "; ".join(dict.fromkeys(problems))
+        problems.setdefault(dotted, []).append(_describe_one(err, loc))
+    lines = [f"{key}: " + " or ".join(dict.fromkeys(msgs)) for key, msgs in problems.items()]
+    return f"{source}: " + "; ".join(lines)
+
+
+def _describe_one(err: Any, loc: tuple[Any, ...]) -> str:
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(tuple(p for p in loc if not isinstance(p, int)))
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        section = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key{did_you_mean}; allowed in {section}: {', '.join(allowed)}"
+    got = err.get("input")
+    shown = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    message = err["msg"][:1].lower() + err["msg"][1:]
+    return f"{message} (got {shown})"
 
 
 def config_to_yaml(cfg: SeektuneConfig) -> str:

@@ -55,6 +55,7 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunState]:
     """Create the run directory, record config and environment, and mark the run's outcome."""
     run = RunDir.create(cfg.output_dir, cfg.name)
     run.write_text("config.yaml", config_to_yaml(cfg))
+    run.write_json("environment.json", environment_info(cfg.seed))  # rewritten with the device once known
     attach_run_logs(run.logs_dir)
     run.mark_status("running", stage=command)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -225,7 +226,6 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
     from seektune.models.load import load_tokenizer
 
     with open_run(cfg, "data") as state:
-        state.run.write_json("environment.json", environment_info(cfg.seed))
         _prepare(state, load_tokenizer(cfg.model))
         _finish(state)
     return state.run
