@@ -39,6 +39,8 @@ def test_config_schema_is_json(capsys):
         (["tune", "{cfg}"], "hyperparameter search"),
         (["run", "{cfg}", "--set", "tune.enabled=true"], "tune.enabled is true"),
         (["serve", "some-model"], "serving"),
+        (["registry", "list"], "model registry"),
+        (["run", "{cfg}", "--set", "method.name=qlora"], "method.name 'qlora' is not available"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys, args, expected):
@@ -102,3 +104,10 @@ def _tiny_recipe() -> dict:
     from support import TINY_RECIPE
 
     return TINY_RECIPE
+
+
+def test_log_json_errors_are_json(tmp_path, capsys):
+    code, _, err = run_cli(["--log-json", "run", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2
+    event = json.loads(err.strip().splitlines()[-1])
+    assert event["level"] == "ERROR" and "does not exist" in event["error"]

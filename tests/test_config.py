@@ -95,3 +95,14 @@ def test_schema_describes_sections():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.name
+
+
+def test_empty_section_means_defaults_and_home_is_expanded(tmp_path):
+    cfg = load_config(write(tmp_path, "eval:\noutput_dir: ~/seektune-runs\n"))
+    assert cfg.eval.max_new_tokens == 64
+    assert cfg.output_dir == Path.home() / "seektune-runs"
+
+
+def test_a_folder_is_not_a_config(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(tmp_path)

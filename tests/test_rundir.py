@@ -16,7 +16,6 @@ from seektune.rundir import (
     atomic_write_json,
     atomic_write_text,
     environment_info,
-    fingerprint_file,
     fingerprint_records,
 )
 
@@ -144,17 +143,6 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
     assert fingerprint_records(records) != fingerprint_records([records[0], {"question": "c", "answer": "e"}])
     assert fingerprint_records(records) != fingerprint_records(list(reversed(records)))
     assert fingerprint_records(records) != fingerprint_records(records[:1])
-
-
-def test_fingerprint_file_matches_content(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_bytes(b"x" * 3_000_000)
-    b.write_bytes(b"x" * 3_000_000)
-    assert fingerprint_file(a) == fingerprint_file(b)
-    b.write_bytes(b"x" * 2_999_999 + b"y")
-    assert fingerprint_file(a) != fingerprint_file(b)
-    with pytest.raises(UserError):
-        fingerprint_file(tmp_path / "missing.jsonl")
 
 
 def test_environment_info_has_versions_seed_and_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,7 @@ import typer
 
 from seektune.config import SeektuneConfig, config_schema, config_to_yaml, load_config
 from seektune.errors import UserError
-from seektune.logs import setup_logging
+from seektune.logs import json_events_enabled, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show the resolved config or its JSON schema.", no_args_is_help=True)
 data_app = typer.Typer(help="The data stage.", no_args_is_help=True)
 base_app = typer.Typer(help="The offline base model tiny-deepseek-v3.", no_args_is_help=True)
-registry_app = typer.Typer(help="The model registry.", no_args_is_help=False, invoke_without_command=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(base_app, name="base")
-app.add_typer(registry_app, name="registry")
 
 _debug = {"on": False}
 
@@ -133,8 +132,8 @@ def serve(
     _not_yet("serving (seektune serve)")
 
 
-@registry_app.callback()
-def registry() -> None:
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def registry(ctx: typer.Context) -> None:
     """List, compare and promote registered model versions."""
     _not_yet("the model registry (seektune registry)")
 
@@ -165,16 +164,29 @@ def config_schema_cmd() -> None:
     typer.echo(json.dumps(config_schema(), indent=2))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     import click
 
+    # A stop from outside (kill, a scheduler's timeout) unwinds like an error, so the run directory
+    # records the run as failed instead of "running" forever.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app(args=argv, prog_name="seektune", standalone_mode=False)
     except UserError as exc:
         if _debug["on"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        if json_events_enabled():
+            typer.echo(
+                json.dumps({"level": "ERROR", "event": "error", "error": str(exc)}, ensure_ascii=False),
+                err=True,
+            )
+        else:
+            typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

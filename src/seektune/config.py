@@ -76,6 +76,11 @@ class ModelConfig(Section):
         default_factory=BaseBuildConfig, description="Recipe of the offline base model."
     )
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
 
 class SourceConfig(Section):
     """One data source."""
@@ -146,7 +151,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto' is bf16 on a GPU that supports it and fp32 on a CPU."
+        "auto", description="'auto': bf16 on a GPU that has it, fp16 mixed on older GPUs, fp32 on a CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
@@ -225,6 +230,11 @@ class SeektuneConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Registry.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, value: str) -> str:
@@ -257,10 +267,14 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> SeektuneCo
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UserError(f"config {path} is a folder: give the path of a YAML file in it (see configs/)")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: give the path of a YAML file (see configs/).")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -269,7 +283,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (data:, model:, train:, ...).")
-    return data
+    # A section whose keys are all commented out reads as null: it means "the defaults".
+    sections = {name for name, field in SeektuneConfig.model_fields.items() if _is_section(field.annotation)}
+    return {key: {} if value is None and key in sections else value for key, value in data.items()}
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

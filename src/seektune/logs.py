@@ -2,7 +2,7 @@
 
 `logging` and rich already do the rendering; what they do not do is the policy of a seektune process:
 the same events rendered for a person on an interactive console, as JSON lines for a supervisor
-(`--json-events`), and always as JSON lines in the run directory (`logs/events.jsonl`), with the
+(`--log-json`), and always as JSON lines in the run directory (`logs/events.jsonl`), with the
 warnings of transformers, peft and datasets routed through the same handlers instead of their own
 stderr printers. A progress bar and periodic progress events must not both appear, so `progress()`
 picks one.
@@ -231,6 +231,22 @@ def _silence_library_printers() -> None:
             datasets_logger.removeHandler(handler)
 
 
+def _disable_library_bars() -> None:
+    """Turn off the tqdm bars of transformers, huggingface_hub and datasets (JSON mode: JSON-only stderr)."""
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def setup_logging(*, debug: bool = False, json_events: bool = False, log_file: Path | None = None) -> None:
     """Configure seektune's logging for this process; calling it again replaces what it set before.
 
@@ -243,6 +259,8 @@ def setup_logging(*, debug: bool = False, json_events: bool = False, log_file: P
     _remove_handlers(_state.file_handlers)
     _state.json_events = json_events
     _silence_library_printers()
+    if json_events:
+        _disable_library_bars()
     # Libraries that log through the root logger (absl, used by rouge-score) call logging.basicConfig(),
     # which would print every record a second time; a root handler makes that call a no-op.
     if not logging.root.handlers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from seektune.rundir import RunDir, environment_info
 
 logger = logging.getLogger(__name__)
 
+SAMPLES_IN_REPORT = 5
+# The CLI verb that reruns each kind of run.
+_VERBS = {"run": "run", "data": "data prepare", "train": "train", "eval": "eval"}
+
 # Sections whose stage arrives with a later release: enabling one stops before anything runs.
 _NOT_YET = {
     "tune": "hyperparameter search",
@@ -32,17 +37,24 @@ _NOT_YET = {
 
 
 def check_stages_available(cfg: SeektuneConfig) -> None:
-    """Stop with one line when the config enables a stage this version does not have yet."""
+    """Stop with one line, before anything runs, when the config asks for what this version lacks."""
     for section, what in _NOT_YET.items():
         if getattr(cfg, section).enabled:
             raise UserError(
                 f"{section}.enabled is true but {what} is not available in this version of seektune "
                 f"yet: set {section}.enabled: false"
             )
+    from seektune.models.methods import AVAILABLE_METHODS
+
+    if cfg.method.name not in AVAILABLE_METHODS:
+        raise UserError(
+            f"method.name '{cfg.method.name}' is not available in this version of seektune yet: "
+            f"use {', '.join(AVAILABLE_METHODS)}"
+        )
 
 
 @dataclass
-class RunState:
+class RunContext:
     """What the stages of one run have produced so far, for metrics.json and the report."""
 
     run: RunDir
@@ -51,7 +63,7 @@ class RunState:
 
 
 @contextmanager
-def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunState]:
+def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunContext]:
     """Create the run directory, record config and environment, and mark the run's outcome."""
     run = RunDir.create(cfg.output_dir, cfg.name)
     run.write_text("config.yaml", config_to_yaml(cfg))
@@ -59,7 +71,7 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunState]:
     attach_run_logs(run.logs_dir)
     run.mark_status("running", stage=command)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    state = RunState(
+    state = RunContext(
         run=run,
         cfg=cfg,
         summary={
@@ -69,6 +81,7 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunState]:
                 "started_at": started,
                 "seed": cfg.seed,
                 "command": " ".join(["seektune", *sys.argv[1:]]) if sys.argv else f"seektune {command}",
+                "command_verb": _VERBS[command],
             }
         },
     )
@@ -88,7 +101,7 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunState]:
         detach_run_logs()
 
 
-def _load_base(state: RunState):
+def _load_base(state: RunContext):
     from transformers import set_seed
 
     from seektune.models.load import load_model
@@ -107,7 +120,13 @@ def _load_base(state: RunState):
     return loaded
 
 
-def _prepare(state: RunState, tokenizer: Any):
+def _tokenizer(cfg: SeektuneConfig) -> Any:
+    from seektune.models.load import load_tokenizer
+
+    return load_tokenizer(cfg.model)
+
+
+def _prepare(state: RunContext, tokenizer: Any):
     from seektune.data.prepare import prepare_data
 
     data = prepare_data(state.cfg.data, tokenizer, state.cfg.seed, state.run.data_dir)
@@ -116,73 +135,53 @@ def _prepare(state: RunState, tokenizer: Any):
     return data
 
 
-def _evaluate(state: RunState, which: str, model: Any, tokenizer: Any, data: Any) -> None:
+def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
+    from seektune.data.prepare import last_exchange
     from seektune.evaluate.metrics import evaluate_model
 
+    started = time.perf_counter()
     scores, generations = evaluate_model(
         model, tokenizer, data, state.cfg.eval, state.cfg.data.system_prompt, label=which
     )
+    seconds = round(time.perf_counter() - started, 2)
     evaluation = state.summary.setdefault("eval", {"models": {}, "samples": []})
-    evaluation["models"][which] = scores
-    _merge_samples(evaluation, which, data, generations)
+    evaluation["models"][which] = {**scores, "seconds": seconds}
     state.run.update_metrics("eval", {which: scores})
-    state.run.write_text(
-        f"eval/{which}-answers.jsonl",
-        "".join(
-            _json_line(
-                {
-                    "question": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
-                    "reference": r["messages"][-1]["content"],
-                    "answer": g.text,
-                    "ended_with_eos": g.ended_with_eos,
-                }
-            )
-            for r, g in zip(data.records["test"], generations, strict=False)
-        ),
-    )
-
-
-def _merge_samples(evaluation: dict, which: str, data: Any, generations: list) -> None:
+    state.run.update_metrics("timing", {f"eval_{which}_s": seconds})
+    answers = []
+    for record, generation in zip(data.records["test"], generations, strict=False):
+        _, question, reference = last_exchange(record["messages"])
+        answers.append(
+            {
+                "question": question,
+                "reference": reference,
+                "answer": generation.text,
+                "ended_with_eos": generation.ended_with_eos,
+            }
+        )
+    state.run.write_jsonl(f"eval/{which}-answers.jsonl", answers)
     samples = evaluation["samples"]
-    for index, generation in enumerate(generations[:5]):
-        if index >= len(samples):
-            messages = data.records["test"][index]["messages"]
-            samples.append(
-                {
-                    "question": messages[-2]["content"] if len(messages) > 1 else "",
-                    "reference": messages[-1]["content"],
-                }
-            )
-        samples[index][which] = generation.text
+    for index, answer in enumerate(answers[:SAMPLES_IN_REPORT]):
+        if index == len(samples):
+            samples.append({"question": answer["question"], "reference": answer["reference"]})
+        samples[index][which] = answer["answer"]
 
 
-def _json_line(obj: dict) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False) + "\n"
-
-
-def _train(state: RunState, loaded: Any, data: Any) -> Any:
+def _train(state: RunContext, loaded: Any, data: Any) -> Any:
     from seektune.models.methods import apply_method
     from seektune.train.trainer import train
 
     model, trainable = apply_method(loaded.model, state.cfg.method, loaded.family)
     result = train(state.cfg.train, model, loaded.tokenizer, data, state.run, state.cfg.seed)
-    state.summary["train"] = {
-        **result.summary(),
-        "history": result.history,
-        "trainable_params": trainable.trainable,
-        "total_params": trainable.total,
-    }
-    state.run.update_metrics(
-        "train",
-        {**result.summary(), "trainable_params": trainable.trainable, "total_params": trainable.total},
-    )
+    counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
+    state.summary["train"] = {**result.summary(), "history": result.history, **counts}
+    state.run.update_metrics("train", {**result.scores(), **counts})
+    state.run.update_metrics("timing", result.timing())
     state.run.write_json("train/history.json", result.history)
     return model
 
 
-def _finish(state: RunState) -> None:
+def _finish(state: RunContext) -> None:
     from seektune.report import write_report
 
     models = state.summary.get("eval", {}).get("models", {})
@@ -210,8 +209,8 @@ def run_pipeline(cfg: SeektuneConfig) -> RunDir:
     """The whole loop: data, base evaluation, training, tuned evaluation, report."""
     check_stages_available(cfg)
     with open_run(cfg, "run") as state:
+        data = _prepare(state, _tokenizer(cfg))  # bad data stops before any weight is loaded
         loaded = _load_base(state)
-        data = _prepare(state, loaded.tokenizer)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate(state, "base", loaded.model, loaded.tokenizer, data)
         model = _train(state, loaded, data)
@@ -223,10 +222,8 @@ def run_pipeline(cfg: SeektuneConfig) -> RunDir:
 
 def run_data_stage(cfg: SeektuneConfig) -> RunDir:
     """Prepare the data alone (the tokenizer of the configured model is loaded, not its weights)."""
-    from seektune.models.load import load_tokenizer
-
     with open_run(cfg, "data") as state:
-        _prepare(state, load_tokenizer(cfg.model))
+        _prepare(state, _tokenizer(cfg))
         _finish(state)
     return state.run
 
@@ -235,8 +232,8 @@ def run_train_stage(cfg: SeektuneConfig) -> RunDir:
     """Prepare the data and train, without evaluation."""
     check_stages_available(cfg)
     with open_run(cfg, "train") as state:
+        data = _prepare(state, _tokenizer(cfg))
         loaded = _load_base(state)
-        data = _prepare(state, loaded.tokenizer)
         _train(state, loaded, data)
         _finish(state)
     return state.run
@@ -245,8 +242,8 @@ def run_train_stage(cfg: SeektuneConfig) -> RunDir:
 def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
     """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split."""
     with open_run(cfg, "eval") as state:
+        data = _prepare(state, _tokenizer(cfg))
         loaded = _load_base(state)
-        data = _prepare(state, loaded.tokenizer)
         _evaluate(state, "model", loaded.model, loaded.tokenizer, data)
         _finish(state)
     return state.run

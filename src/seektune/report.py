@@ -234,7 +234,8 @@ def _single_model_headline(name: str, values: dict[str, Any]) -> str | None:
     ]
     if not parts:
         return None
-    return f"The {name} model scores: {_join(parts)}. There is no other model to compare it with."
+    subject = "The model" if name == "model" else f"The {name} model"
+    return f"{subject} scores: {_join(parts)}. There is no other model to compare it with."
 
 
 def _training_headline(train: dict[str, Any]) -> str | None:
@@ -367,11 +368,16 @@ def _samples_section(samples: list[dict[str, Any]]) -> list[str]:
     if not samples:
         return []
     shown = samples[:MAX_SAMPLES]
-    lines = ["### Sample answers", "", f"{len(shown)} of {len(samples)} test questions.", ""]
+    lines = [
+        "### Sample answers",
+        "",
+        f"The first {len(shown)} test questions; every answer is in `eval/`.",
+        "",
+    ]
     for index, sample in enumerate(shown, start=1):
         lines.append(f"**{index}. {_md_escape(_clip(sample.get('question')))}**")
         lines.append("")
-        for key in ("reference", "base", "tuned"):
+        for key in ["reference", *(k for k in sample if k not in {"question", "reference"})]:
             if key in sample:
                 text = _md_escape(_clip(sample.get(key))) or "*(empty)*"
                 lines.append(f"- {key.capitalize()}: {text}")
@@ -379,7 +385,7 @@ def _samples_section(samples: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _environment_section(run: RunDir) -> list[str]:
+def _environment_section(run: RunDir, command: str) -> list[str]:
     lines = ["## Environment", ""]
     env = _read_environment(run)
     if env:
@@ -395,7 +401,7 @@ def _environment_section(run: RunDir) -> list[str]:
     else:
         lines.append("- No environment.json was recorded.")
     lines += ["", "## Reproduce", "", f"The resolved config is `{run.config_path}`. Re-run it with:", ""]
-    return [*lines, "```", f"seektune run {run.config_path}", "```", ""]
+    return [*lines, "```", f"seektune {command} {run.config_path}", "```", ""]
 
 
 def _machine_line(env: dict[str, Any]) -> list[str]:
@@ -519,7 +525,7 @@ def render_report(run: RunDir, summary: dict[str, Any], loss_plot: str | None, e
         lines += _training_section(summary["train"], loss_plot)
     if summary.get("eval"):
         lines += _evaluation_section(summary["eval"], eval_plot)
-    lines += _environment_section(run)
+    lines += _environment_section(run, info.get("command_verb", "run"))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -48,7 +48,6 @@ _VERSIONED_PACKAGES = (
     "tokenizers",
     "pydantic",
 )
-_CHUNK = 1 << 20
 
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes
@@ -81,6 +80,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON (non-JSON values such as paths are written with `str`)."""
     text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=str)
     atomic_write_text(path, text + "\n")
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[Any]) -> None:
+    """Write one JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -119,14 +123,14 @@ class RunDir:
                 f"run name {name!r} must be a plain folder name (no '/', '\\', ':', no leading '.')"
             )
         output_dir = Path(output_dir)
+        stem = f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
+            path = _make_unique_dir(output_dir, stem)
         except OSError as exc:
             raise UserError(
-                f"cannot create output_dir {output_dir}: {exc.strerror}; pick a writable folder"
+                f"cannot create a run directory in {output_dir}: {exc.strerror}; pick a writable output_dir"
             ) from None
-        stem = f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
-        path = _make_unique_dir(output_dir, stem)
         for sub in _SUBDIRS:
             (path / sub).mkdir()
         return cls(path)
@@ -197,6 +201,12 @@ class RunDir:
         """Atomically write JSON to `rel` inside the run; returns the full path."""
         target = self.resolve(rel)
         atomic_write_json(target, obj)
+        return target
+
+    def write_jsonl(self, rel: str | Path, rows: Iterable[Any]) -> Path:
+        """Atomically write JSON Lines to `rel` inside the run; returns the full path."""
+        target = self.resolve(rel)
+        atomic_write_jsonl(target, rows)
         return target
 
     def read_json(self, rel: str | Path) -> Any:
@@ -272,21 +282,6 @@ def fingerprint_records(records: Iterable[Any]) -> str:
         line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         digest.update(line.encode("utf-8"))
         digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def fingerprint_file(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist: check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; give a file") from None
     return digest.hexdigest()
 
 

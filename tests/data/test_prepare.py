@@ -1,5 +1,6 @@
 """Data stage: formats, loading errors, the built-in task and its split, tokenisation with EOS in the loss."""
 
+import copy
 import json
 
 import pytest
@@ -75,6 +76,8 @@ def test_builtin_split_is_fixed_and_held_out_of_pretraining():
     test = stdlib_docs.qa_examples("test", units)
     train_sources = {r["source"] for r in stdlib_docs.qa_examples("train", units)}
     assert test and not {r["source"] for r in test} & train_sources
+    train_answers = {r["messages"][1]["content"] for r in stdlib_docs.qa_examples("train", units)}
+    assert not {r["messages"][1]["content"] for r in test} & train_answers  # no shared docstring leaks
     assert stdlib_docs.split_of("json.dumps") == stdlib_docs.split_of("json.dumps")
 
 
@@ -93,8 +96,8 @@ def test_user_jsonl_is_split_by_ratio_and_fingerprinted(tmp_path, tokenizer):
     first = prepare_data(cfg, tokenizer, seed=1, out_dir=tmp_path / "out")
     assert first.report["splits"] == {"train": 28, "validation": 4, "test": 8}
     assert (tmp_path / "out" / "test.jsonl").read_text().count("\n") == 8
-    assert prepare_data(cfg, tokenizer, seed=1).fingerprint == first.fingerprint
-    assert prepare_data(cfg, tokenizer, seed=2).fingerprint != first.fingerprint
+    assert prepare_data(cfg, tokenizer, seed=1).report["fingerprint"] == first.report["fingerprint"]
+    assert prepare_data(cfg, tokenizer, seed=2).report["fingerprint"] != first.report["fingerprint"]
 
 
 @pytest.mark.parametrize(
@@ -117,3 +120,44 @@ def test_missing_file_and_unknown_builtin(tokenizer, tmp_path):
         prepare_data(DataConfig(sources=[{"path": str(tmp_path / "x.jsonl")}]), tokenizer, seed=0)
     with pytest.raises(UserError, match="unknown built-in dataset"):
         prepare_data(DataConfig(sources=[{"path": "builtin:nope"}]), tokenizer, seed=0)
+
+
+# DeepSeek-R1's own template shape: the generation prompt opens a <think> block, and past answers lose
+# their reasoning.
+R1_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+)
+
+
+def test_r1_style_template_still_learns_the_answers(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = R1_TEMPLATE
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>add</think>Four."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "Six."},
+    ]
+    encoded, reason = encode_chat(messages, tokenizer, max_length=256)
+    assert reason == ""
+    learnt = [
+        t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(learnt) == "Four.<｜end▁of▁sentence｜>Six.<｜end▁of▁sentence｜>"
+
+
+def test_tiny_files_keep_a_test_example(tmp_path, tokenizer):
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(5)))
+    prepared = prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0)
+    assert prepared.report["splits"] == {"train": 3, "validation": 1, "test": 1}
+
+
+def test_non_utf8_file_is_a_user_error(tmp_path, tokenizer):
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes(json.dumps({"prompt": "你好", "completion": "世界"}, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0)

@@ -28,7 +28,7 @@ def load_source(source: SourceConfig) -> dict[str, list[dict[str, Any]]]:
     """Records of one source by split. A source without its own splits returns everything under 'all'."""
     if source.path.startswith(BUILTIN_PREFIX):
         return _load_builtin(source.path[len(BUILTIN_PREFIX) :])
-    return {"all": _load_file(Path(source.path))}
+    return {"all": _load_file(Path(source.path).expanduser())}
 
 
 def _load_builtin(task: str) -> dict[str, list[dict[str, Any]]]:
@@ -47,7 +47,12 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"data source {path} does not exist: fix data.sources[].path in the config")
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"data source {path}: unsupported file type '{path.suffix}'; use .jsonl or .json")
-    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json(path)
+    try:
+        rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json(path)
+    except UnicodeDecodeError:
+        raise UserError(
+            f"data source {path} is not UTF-8 text: convert it (e.g. iconv -f GBK -t UTF-8)"
+        ) from None
     records = []
     unrecognised = 0
     for index, row in enumerate(rows):

@@ -4,7 +4,7 @@ Only assistant turns are learnt: every other token has the label -100. Each assi
 template's end-of-sentence token inside the loss (EOS is appended when a template leaves it out), so the
 tuned model learns to stop by itself.
 
-Tokenising turn by turn is ours because transformers' `return_assistant_tokens_mask` needs `{% generation %}`
+Locating the answers is ours because transformers' `return_assistant_tokens_mask` needs `{% generation %}`
 markers that DeepSeek's own chat templates do not have.
 """
 
@@ -20,8 +20,8 @@ from seektune.config import DataConfig
 from seektune.data.formats import has_answer
 from seektune.data.load import load_source
 from seektune.errors import UserError
-from seektune.logs import log_event
-from seektune.rundir import atomic_write_json, atomic_write_text, fingerprint_records
+from seektune.logs import log_event, progress
+from seektune.rundir import atomic_write_json, atomic_write_jsonl, fingerprint_records
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +37,33 @@ class PreparedData:
     tokenized: dict[str, list[dict[str, list[int]]]]
     report: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def fingerprint(self) -> str:
-        return self.report["fingerprint"]
-
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path | None = None) -> PreparedData:
-    """Load, split, tokenise; write `records-<split>.jsonl` and `report.json` into `out_dir` when given."""
+    """Load, split, tokenise; write `<split>.jsonl` and `report.json` into `out_dir` when given."""
     records, sources = _load_and_split(cfg, seed)
     dropped: dict[str, int] = {}
     tokenized: dict[str, list[dict[str, list[int]]]] = {}
-    for split in SPLITS:
-        kept_records, kept_tokens = [], []
-        for record in records[split]:
-            encoded, reason = encode_chat(record["messages"], tokenizer, cfg.max_length, cfg.system_prompt)
-            if encoded is None:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            kept_records.append(record)
-            kept_tokens.append(encoded)
-        records[split], tokenized[split] = kept_records, kept_tokens
+    with progress("tokenising", total=sum(len(rows) for rows in records.values())) as bar:
+        for split in SPLITS:
+            kept_records, kept_tokens = [], []
+            for record in records[split]:
+                encoded, reason = encode_chat(
+                    record["messages"], tokenizer, cfg.max_length, cfg.system_prompt
+                )
+                bar.advance()
+                if encoded is None:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                    continue
+                kept_records.append(record)
+                kept_tokens.append(encoded)
+            records[split], tokenized[split] = kept_records, kept_tokens
     if not tokenized["train"]:
+        reasons = (
+            ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items()) or "no records"
+        )
         raise UserError(
-            "the training split is empty after preparation: add data, raise data.max_length, "
-            "or check that the records have assistant answers"
+            f"the training split is empty after preparation ({reasons}): add data, raise data.max_length "
+            "for 'too long', or give records with assistant answers"
         )
     report = {
         "sources": sources,
@@ -107,8 +110,11 @@ def _split(
 ) -> dict[str, list]:
     rows = list(rows)
     rng.shuffle(rows)
-    n_test = round(len(rows) * test_ratio)
-    n_val = round(len(rows) * validation_ratio)
+    # A split with a ratio above zero keeps at least one record, as long as two remain for training.
+    n_test = max(round(len(rows) * test_ratio), 1 if test_ratio > 0 and len(rows) >= 3 else 0)
+    n_val = max(
+        round(len(rows) * validation_ratio), 1 if validation_ratio > 0 and len(rows) - n_test >= 3 else 0
+    )
     return {
         "test": rows[:n_test],
         "validation": rows[n_test : n_test + n_val],
@@ -119,27 +125,30 @@ def _split(
 def encode_chat(
     messages: list[dict[str, str]], tokenizer: Any, max_length: int, system_prompt: str | None = None
 ) -> tuple[dict[str, list[int]] | None, str]:
-    """Token ids and labels of one conversation (labels -100 outside assistant turns), or (None, reason)."""
+    """Token ids and labels of one conversation (labels -100 outside assistant answers), or (None, reason).
+
+    The whole conversation is rendered and tokenised once, as at inference. Each assistant answer is the
+    text its turn adds after the generation prompt; it is located in the rendering and its tokens (found
+    through the tokenizer's offsets) are learnt. Templates that change earlier turns (R1's drops past
+    reasoning) or add text after the generation prompt (R1's `<think>`) are handled: a past answer that the
+    template rewrote is context only, and the final answer is always learnt.
+    """
     if not has_answer(messages):
         return None, "no_answer"
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    input_ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
-        full = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            return None, "template_not_incremental"
-        prompt_ids = _ids(tokenizer, prompt[len(rendered) :])
-        answer_ids = _ids(tokenizer, full[len(prompt) :])
-        input_ids += prompt_ids + answer_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        rendered = full
-    if labels[-1] != tokenizer.eos_token_id:
+    messages = with_system_prompt(messages, system_prompt)
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = _answer_spans(messages, tokenizer, text)
+    if not spans:
+        return None, "template_unsupported"
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [
+        token
+        if any(start < span_end and end > span_start for span_start, span_end in spans)
+        else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoded["offset_mapping"], strict=True)
+    ]
+    if labels[-1] != tokenizer.eos_token_id:  # a template that leaves EOS out: the model must still stop
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     if len(input_ids) > max_length:
@@ -147,12 +156,49 @@ def encode_chat(
     return {"input_ids": input_ids, "labels": labels}, ""
 
 
+def _answer_spans(messages: list[dict[str, str]], tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant answers in `text`; empty when the final answer cannot be found."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(prompt, turn, strict=False)) if a != b),
+            min(len(prompt), len(turn)),
+        )
+        answer = turn[shared:]  # what this turn adds after the part it shares with the generation prompt
+        start = text.find(answer, cursor) if answer else -1
+        if start < 0:
+            if index == last:
+                return []
+            continue  # the template rewrote this past answer: it stays context
+        spans.append((start, start + len(answer)))
+        cursor = start + len(answer)
+    return spans
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """The conversation with `system_prompt` put first, unless it already opens with a system message."""
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def last_exchange(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str, str]:
+    """(conversation before the last answer, the question it answers, the last answer)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    question = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+    return messages[:last], question, messages[last]["content"]
+
+
 def prompt_text(messages: list[dict[str, str]], tokenizer: Any, system_prompt: str | None = None) -> str:
     """The conversation up to its last assistant turn, rendered with the generation prompt."""
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return _render(tokenizer, messages[:last], add_generation_prompt=True)
+    context, _, _ = last_exchange(with_system_prompt(messages, system_prompt))
+    return _render(tokenizer, context, add_generation_prompt=True)
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -163,15 +209,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     )
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
 def save_prepared(prepared: PreparedData, out_dir: Path) -> None:
     """Write the records of each split and the data report into `out_dir`."""
-    import json
-
     for split, rows in prepared.records.items():
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        atomic_write_text(out_dir / f"{split}.jsonl", lines)
+        atomic_write_jsonl(out_dir / f"{split}.jsonl", rows)
     atomic_write_json(out_dir / "report.json", prepared.report)

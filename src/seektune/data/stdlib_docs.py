@@ -5,8 +5,8 @@ English text about a real subject: the reference topics in `pydoc_data.topics` a
 standard library. This module turns them into
 
 * *units*: one per documented module, class, function or topic, each with a stable key;
-* a fixed split of the units into train / validation / test by a hash of the key, so the same unit always
-  lands in the same split;
+* a fixed split of the units into train / validation / test by a hash of their answer text, so the same
+  unit always lands in the same split and units that share an answer share a split;
 * the pre-training corpus of the offline base model (train units only: validation and test texts are kept
   out of pre-training, so the base model has not memorised the answers it is evaluated on);
 * the instruction task `builtin:stdlib-docs-qa`: a question about a unit, answered with the first paragraph
@@ -61,12 +61,18 @@ class DocUnit:
     text: str
 
     @property
+    def answer(self) -> str:
+        return first_paragraph(self.text)
+
+    @property
     def split(self) -> str:
-        return split_of(self.key)
+        # By the answer, not the name: many docstrings are shared (overrides, aliases), and a shared
+        # answer must not be in training and test at once.
+        return split_of(self.answer or self.key)
 
 
 def split_of(key: str) -> str:
-    """The fixed split of a unit: a hash of its key mapped onto [0, 1)."""
+    """The fixed split of a text: its hash mapped onto [0, 1)."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     if position < _HELD_OUT["test"]:
@@ -218,7 +224,7 @@ def qa_examples(split: str, units: tuple[DocUnit, ...] | None = None) -> list[di
     for unit in units:
         if unit.split != split:
             continue
-        answer = first_paragraph(unit.text)
+        answer = unit.answer
         if len(answer) < _MIN_ANSWER_CHARS:
             continue
         templates = _QUESTIONS[unit.kind]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from seektune.config import EvalConfig
-from seektune.data.prepare import IGNORE_INDEX, PreparedData, prompt_text
+from seektune.data.prepare import IGNORE_INDEX, PreparedData, last_exchange, prompt_text
 from seektune.logs import log_event, progress
 
 logger = logging.getLogger(__name__)
@@ -36,30 +37,37 @@ class Generation:
 @torch.no_grad()
 def perplexity(model: Any, rows: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> float:
     """exp(mean NLL) over every label token of `rows` (right-padded batches)."""
-    device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            mask[i, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total_nll += nll.item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
+    with progress("perplexity", total=len(rows)) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            nll, tokens = _batch_nll(model, batch, pad_id)
+            total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+            bar.advance(len(batch))
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+def _batch_nll(model: Any, batch: list[dict[str, list[int]]], pad_id: int) -> tuple[float, int]:
+    """Summed NLL of the label tokens of one batch, and how many there are."""
+    device = next(model.parameters()).device
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        mask[i, :n] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    targets = labels[:, 1:].to(device)  # position t predicts token t+1
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return nll.item(), int((targets != IGNORE_INDEX).sum())
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -107,11 +115,36 @@ def _decode(new_ids: list[int], tokenizer: Any, stop_ids: list[int]) -> Generati
     return Generation(text=text, new_tokens=len(kept) + (end is not None), ended_with_eos=end is not None)
 
 
+# CJK ideographs, kana and hangul: scored one character per token, as Chinese ROUGE usually is.
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff])")
+
+
+class _MixedTokenizer:
+    """rouge-score's own tokenizer (lower case, Porter stemming) for Latin text, one token per CJK character.
+
+    rouge-score's default tokenizer drops every non-ASCII character, which would score Chinese answers 0.
+    """
+
+    def __init__(self) -> None:
+        from rouge_score.tokenizers import DefaultTokenizer
+
+        self._latin = DefaultTokenizer(use_stemmer=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        for piece in _CJK.split(text):
+            if _CJK.fullmatch(piece):
+                tokens.append(piece)
+            elif piece:
+                tokens.extend(self._latin.tokenize(piece))
+        return tokens
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F-measure (rouge-score, with stemming)."""
+    """Mean ROUGE-L F-measure (rouge-score; stemmed English words, single CJK characters)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MixedTokenizer())
     scores = [
         scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)
     ]
@@ -139,10 +172,9 @@ def evaluate_model(
     prompts = [prompt_text(r["messages"], tokenizer, system_prompt) for r in records]
     generations = generate_answers(model, tokenizer, prompts, cfg)
     if "rouge_l" in cfg.metrics:
-        references = [r["messages"][-1]["content"] for r in records]
+        references = [last_exchange(r["messages"])[2] for r in records]
         scores["rouge_l"] = round(rouge_l([g.text for g in generations], references), 4)
     scores["eos_rate"] = round(sum(g.ended_with_eos for g in generations) / len(generations), 4)
     scores["mean_new_tokens"] = round(sum(g.new_tokens for g in generations) / len(generations), 2)
-    scores["seconds"] = round(time.perf_counter() - started, 2)
-    log_event(logger, f"{label} evaluated", **scores)
+    log_event(logger, f"{label} evaluated", **scores, seconds=round(time.perf_counter() - started, 2))
     return scores, generations

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from seektune.config import BUILTIN_BASE, ModelConfig
 from seektune.errors import UserError
 from seektune.models.families import FamilyPreset, detect_family, ensure_chat_template
+from seektune.models.methods import count_parameters, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU that has it, float16 on other GPUs and float32 on CPU."""
+    """'auto' is bfloat16 on a GPU that has it, else float32 (older GPUs train in fp16 mixed precision)."""
     if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
     chosen = getattr(torch, dtype)
     if device.type == "cpu" and chosen in (torch.bfloat16, torch.float16):
         logger.warning(
@@ -130,6 +131,8 @@ def _user_facing_load_errors(name: str) -> Iterator[None]:
     """Turn transformers' file errors into one-line `UserError`s."""
     try:
         yield
+    except ImportError as exc:  # e.g. attn_implementation: flash_attention_2 without its package
+        raise UserError(f"could not load model {name!r}: {str(exc).strip().splitlines()[0]}") from exc
     except OSError as exc:
         if _missing_offline(exc):
             raise UserError(
@@ -176,8 +179,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     path = resolve_model_path(cfg)
     base = adapter_base(path)
     if base is not None:
-        from seektune.models.methods import load_adapter
-
         loaded = load_model(cfg.model_copy(update={"name_or_path": base}))
         loaded.model = load_adapter(loaded.model, path)
         loaded.path = path
@@ -197,10 +198,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             attn_implementation=cfg.attn_implementation,
+            device_map={"": device},  # straight onto the device: a large model never sits whole in CPU RAM
         )
-    model.to(device)
     tokenizer = load_tokenizer(cfg, path)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model).total
     logger.info(
         "loaded %s: family %s, %s parameters, %s on %s",
         cfg.name_or_path,

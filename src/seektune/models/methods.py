@@ -32,7 +32,7 @@ from seektune.models.families import FamilyPreset
 
 logger = logging.getLogger(__name__)
 
-_AVAILABLE = ("full", "lora", "dora")
+AVAILABLE_METHODS = ("full", "lora", "dora")
 
 
 @dataclass
@@ -69,7 +69,7 @@ def apply_method(
     else:
         raise UserError(
             f"method.name {method.name!r} is not available in this version of seektune yet; "
-            f"use {', '.join(_AVAILABLE[:-1])} or {_AVAILABLE[-1]}"
+            f"use {', '.join(AVAILABLE_METHODS[:-1])} or {AVAILABLE_METHODS[-1]}"
         )
     summary = count_parameters(model)
     logger.info("method %s: %s", method.name, summary)

@@ -9,6 +9,8 @@ final artefact (adapter or full model, with the tokenizer) into the run director
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,30 +39,41 @@ class TrainResult:
     tokens_per_s: float | None = None
     steps: int = 0
 
+    def scores(self) -> dict[str, Any]:
+        """What the same config and seed reproduce exactly."""
+        return {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "steps": self.steps}
+
+    def timing(self) -> dict[str, Any]:
+        """What depends on the machine and its load."""
+        return {"train_runtime_s": round(self.runtime_s, 2), "train_tokens_per_s": self.tokens_per_s}
+
     def summary(self) -> dict[str, Any]:
+        """Everything, for the report."""
         return {
-            "train_loss": self.train_loss,
-            "eval_loss": self.eval_loss,
+            **self.scores(),
             "runtime_s": round(self.runtime_s, 2),
             "tokens_per_s": self.tokens_per_s,
-            "steps": self.steps,
             "model_dir": str(self.model_dir),
         }
 
 
 def precision_flags(precision: str, device: torch.device) -> dict[str, bool]:
-    """`bf16`/`fp16` flags for TrainingArguments; 'auto' is bf16 where the GPU supports it, else fp32."""
+    """`bf16`/`fp16` mixed-precision flags for TrainingArguments.
+
+    'auto' is bf16 on a GPU that has it, fp16 mixed precision (fp32 master weights) on older GPUs, and fp32
+    on a CPU, where bf16 matmuls are about 100x slower than fp32 on common CPUs.
+    """
     if precision == "auto":
-        on_bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return {"bf16": on_bf16_gpu, "fp16": False}
-    if precision in {"bf16", "fp16"} and device.type == "cpu":
-        logger.warning(
-            "train.precision=%s on a CPU: most CPUs have no fast %s path; fp32 is faster there",
-            precision,
-            precision,
-        )
+        if device.type != "cuda":
+            return {"bf16": False, "fp16": False}
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16}
     if precision == "fp16" and device.type == "cpu":
         raise UserError("train.precision=fp16 needs a GPU: use fp32 (or auto) on a CPU")
+    if precision == "bf16" and device.type == "cpu":
+        logger.warning(
+            "train.precision=bf16 on a CPU: most CPUs have no fast bf16 path; fp32 is faster there"
+        )
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -132,9 +145,7 @@ def train(
         callback.close()
     runtime = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-    model_dir = run.path / "model"
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = _save_final(trainer, tokenizer, run)
     epochs_done = (
         output.global_step * cfg.batch_size * cfg.gradient_accumulation_steps / max(len(train_set), 1)
     )
@@ -150,6 +161,17 @@ def train(
     )
     log_event(logger, "training finished", **result.summary())
     return result
+
+
+def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
+    """Save the trained model and tokenizer to `<run>/model`, whole or not at all."""
+    final = run.path / "model"
+    partial = run.path / ".model-partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    os.replace(partial, final)
+    return final
 
 
 def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
