@@ -97,8 +97,15 @@ class DataConfig(Section):
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig()], min_length=1, description="Data sources, read in order."
     )
-    validation_ratio: float = Field(0.05, ge=0, lt=1, description="Share held out for validation.")
-    test_ratio: float = Field(0.05, ge=0, lt=1, description="Share held out for the test split.")
+    validation_ratio: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of a file source held out for validation (built-in tasks have fixed splits).",
+    )
+    test_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Share of a file source held out for the test split."
+    )
     max_train_samples: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
     max_eval_samples: int | None = Field(
         None, ge=1, description="Keep at most this many validation and test examples each."
