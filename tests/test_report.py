@@ -121,7 +121,7 @@ def test_report_has_headline_sections_and_plots(run: RunDir) -> None:
 def test_samples_are_escaped_truncated_and_limited(run: RunDir) -> None:
     text = write_report(run, _summary()).read_text(encoding="utf-8")
 
-    assert "5 of 7 test questions" in text
+    assert "The first 5 test questions" in text
     assert "**5. What does \\`os.path.join\\` do? (4)**" in text
     assert "**6." not in text
     assert "Joins \\| paths \\*smartly\\*" in text

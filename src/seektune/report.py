@@ -45,6 +45,7 @@ _METRICS: dict[str, _Metric] = {
     "eos_rate": _Metric("Answers ending with EOS", "answers ending with EOS", "higher", "percent", "points"),
     "mean_new_tokens": _Metric("Mean new tokens", "mean new tokens", None, "number", "absolute"),
     "n": _Metric("Examples", "examples", None, "count", "absolute"),
+    "seconds": _Metric("Evaluation time (s)", "evaluation time", None, "number", "absolute"),
 }
 _PLOTTED = ("perplexity", "rouge_l", "eos_rate", "mean_new_tokens")
 
@@ -447,6 +448,15 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _running_mean(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled towards zero."""
+    smoothed, average = [], 0.0
+    for index, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**index))
+    return smoothed
+
+
 def _plot_loss(history: list[dict[str, Any]], path: Path) -> bool:
     """Train loss line, validation loss points and learning rate on a twin axis; False if no loss."""
     train_x, train_y = _series(history, "loss")
@@ -457,7 +467,11 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> bool:
     ax = fig.add_subplot()
     handles = []
     if train_x:
-        handles += ax.plot(train_x, train_y, color="tab:blue", marker=".", label="train loss")
+        # Batches grouped by length make the logged loss saw-toothed: show it faint, and a running mean.
+        ax.plot(train_x, train_y, color="tab:blue", alpha=0.25, linewidth=1)
+        handles += ax.plot(
+            train_x, _running_mean(train_y), color="tab:blue", label="train loss (running mean)"
+        )
     if eval_x:
         handles += ax.plot(eval_x, eval_y, "o--", color="tab:orange", label="validation loss")
     ax.set_xlabel("step")

@@ -17,6 +17,7 @@ the model it was given (checked below), so `apply_method` and `load_adapter` swi
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,7 +89,12 @@ def _wrap_lora(model: nn.Module, lora: LoraConfig, family: FamilyPreset, use_dor
         task_type="CAUSAL_LM",
     )
     try:
-        with _targets_as_named():
+        with _targets_as_named(), warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every call (peft 0.21,
+            # transformers 5.2x): a warning about their code, not the user's.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             return peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. a target name that is a container module, not a layer
         first_line = str(exc).strip().splitlines()[0]
