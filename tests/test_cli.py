@@ -111,3 +111,16 @@ def test_log_json_errors_are_json(tmp_path, capsys):
     assert code == 2
     event = json.loads(err.strip().splitlines()[-1])
     assert event["level"] == "ERROR" and "does not exist" in event["error"]
+
+
+def test_empty_test_split_stops_before_training(tmp_path, capsys, base_cache):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(4)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path / 'runs'}\nmodel:\n  cache_dir: {base_cache}\n"
+        f"  base: {json.dumps(_tiny_recipe())}\ndata:\n  test_ratio: 0\n  sources:\n    - path: {data}\n"
+    )
+    code, _, err = run_cli(["run", str(cfg)], capsys)
+    assert code == 2
+    assert "test split is empty" in err

@@ -1,15 +1,15 @@
 """The order of the stages, and the run directory around them.
 
-This is the only module that knows the order: load the base → prepare data → evaluate the base → apply the
-fine-tuning method → train → evaluate the tuned model → report. Each stage is a plain function of its own
-config section and the artefacts of earlier stages. A run that fails records the error in its run directory
+This is the only module that knows the order: prepare the data (with the model's tokenizer, so bad data
+stops a run before any weight is loaded) → load the base → evaluate the base → apply the fine-tuning method
+→ train → evaluate the tuned model → report. Each stage is a plain function of its own config section and
+the artefacts of earlier stages. A run that fails records the error in its run directory
 (`status.json`) before the error reaches the user.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,7 +80,6 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunContext]:
                 "run_dir": str(run.path),
                 "started_at": started,
                 "seed": cfg.seed,
-                "command": " ".join(["seektune", *sys.argv[1:]]) if sys.argv else f"seektune {command}",
                 "command_verb": _VERBS[command],
             }
         },
@@ -133,6 +132,14 @@ def _prepare(state: RunContext, tokenizer: Any):
     state.summary["data"] = data.report
     state.run.update_metrics("data", data.report)
     return data
+
+
+def _require_test_split(data: Any) -> None:
+    if not data.tokenized["test"]:
+        raise UserError(
+            "the test split is empty, so nothing can be evaluated: raise data.test_ratio, add data, "
+            "or set eval.enabled: false"
+        )
 
 
 def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
@@ -210,6 +217,8 @@ def run_pipeline(cfg: SeektuneConfig) -> RunDir:
     check_stages_available(cfg)
     with open_run(cfg, "run") as state:
         data = _prepare(state, _tokenizer(cfg))  # bad data stops before any weight is loaded
+        if cfg.eval.enabled:
+            _require_test_split(data)
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate(state, "base", loaded.model, loaded.tokenizer, data)
@@ -243,6 +252,7 @@ def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
     """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split."""
     with open_run(cfg, "eval") as state:
         data = _prepare(state, _tokenizer(cfg))
+        _require_test_split(data)
         loaded = _load_base(state)
         _evaluate(state, "model", loaded.model, loaded.tokenizer, data)
         _finish(state)
