@@ -82,21 +82,210 @@ class ModelConfig(Section):
         return value.expanduser() if value is not None else None
 
 
+SOURCE_FIELDS = (
+    "messages", "conversations", "system", "instruction", "input", "output", "context", "response",
+    "prompt", "completion", "question", "answer", "text", "metadata", "label",
+)  # fmt: skip
+PII_KINDS = ("email", "phone", "id_card", "bank_card", "ip", "secret")
+AUGMENT_METHODS = ("synonym", "swap", "delete", "insert", "reorder", "back_translation")
+
+
 class SourceConfig(Section):
-    """One data source."""
+    """One data source: a file, a folder of text files, a `save_to_disk` dataset or a built-in task."""
 
     path: str = Field(
         BUILTIN_DATASET,
-        description="A JSONL/JSON file, or 'builtin:stdlib-docs-qa' (Q&A built from the Python docs).",
+        description="File (.jsonl .json .csv .parquet .txt .md), folder, saved dataset, "
+        "or 'builtin:stdlib-docs-qa'.",
+    )
+    name: str | None = Field(
+        None, description="Name in the report and the mixing ratios; None: the file name or built-in task."
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "arrow"] = Field(
+        "auto",
+        description="File format; 'auto' reads it from the suffix (a folder: text files or a saved dataset).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Standard field -> this source's column, e.g. {instruction: question, output: answer}.",
+    )
+    text_unit: Literal["file", "paragraph", "line"] = Field(
+        "file", description="For plain text: one record per file, per blank-line paragraph or per line."
+    )
+    split: Literal["auto", "train", "validation", "test"] = Field(
+        "auto", description="Put every record of this source into one split; 'auto' splits by data ratios."
+    )
+    ratio: float | None = Field(
+        None, gt=0, description="Share of this source in the training mix (mix.strategy: ratio)."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Read at most this many records of this source.")
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(SOURCE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown standard field(s) {', '.join(unknown)}; map from one of: {', '.join(SOURCE_FIELDS)}"
+            )
+        return value
+
+
+class CleanConfig(Section):
+    """Cleaning rules, applied in this order; each one is counted in the data report."""
+
+    enabled: bool = Field(True, description="Apply the cleaning rules below.")
+    unicode_nfkc: bool = Field(True, description="Unicode NFKC normalisation (full-width to half-width ...).")
+    strip_html: bool = Field(True, description="Remove HTML tags and comments, unescape entities.")
+    remove_control: bool = Field(True, description="Remove control and zero-width characters.")
+    fold_whitespace: bool = Field(
+        True, description="Fold runs of spaces inside lines and of blank lines; indentation is kept."
+    )
+    allowed_chars: str | None = Field(
+        None,
+        description="Regex character-class body of characters to keep, "
+        "e.g. 'a-zA-Z0-9\\u4e00-\\u9fa5\\s.,!?'; others are removed.",
+    )
+    min_chars: int = Field(1, ge=0, description="Drop records with fewer characters of text.")
+    max_chars: int | None = Field(None, ge=1, description="Drop records with more characters of text.")
+    min_tokens: int = Field(0, ge=0, description="Drop examples with fewer tokens (after the chat template).")
+    languages: list[str] | None = Field(
+        None, description="ISO 639-1 codes to keep, e.g. [zh, en]; None keeps every language."
+    )
+    language_min_confidence: float = Field(
+        0.5, ge=0, le=1, description="Keep a record when its language's confidence reaches this."
+    )
+
+    @field_validator("allowed_chars")
+    @classmethod
+    def _is_character_class(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                re.compile(f"[^{value}]")
+            except re.error as exc:
+                raise ValueError(f"not a valid regex character class body ({exc})") from None
+        return value
+
+
+class DedupConfig(Section):
+    """Exact and near-duplicate removal across all sources and splits."""
+
+    exact: bool = Field(True, description="Drop records whose normalised text equals an earlier record's.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
+    threshold: float = Field(
+        0.85, gt=0, lt=1, description="Estimated Jaccard similarity that makes a near-twin."
+    )
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations (more: finer estimate, slower)."
+    )
+    ngram: int = Field(5, ge=1, le=32, description="Character n-gram length of the shingles.")
+
+
+class PrivacyConfig(Section):
+    """Detection of personal and secret data."""
+
+    enabled: bool = Field(True, description="Look for personal and secret data.")
+    action: Literal["mask", "drop"] = Field(
+        "mask", description="Replace each find by <KIND>, or drop the record."
+    )
+    detectors: list[Literal["email", "phone", "id_card", "bank_card", "ip", "secret"]] = Field(
+        default_factory=lambda: list(PII_KINDS), description="What to look for."
     )
 
 
+class AugmentConfig(Section):
+    """Reproducible augmentation of training records (never of validation or test)."""
+
+    enabled: bool = Field(False, description="Add augmented copies of training records.")
+    methods: list[Literal["synonym", "swap", "delete", "insert", "reorder", "back_translation"]] = Field(
+        default_factory=lambda: ["swap", "delete"], min_length=1, description="Augmentations, picked in turn."
+    )
+    share: float = Field(0.1, gt=0, le=1, description="Share of training records that get augmented copies.")
+    copies: int = Field(1, ge=1, le=16, description="Augmented copies per chosen record.")
+    rate: float = Field(
+        0.1, gt=0, le=0.5, description="Share of words changed by synonym/swap/delete/insert."
+    )
+    apply_to: Literal["user", "assistant", "all"] = Field(
+        "user", description="Which messages are changed (plain-text records are always changed)."
+    )
+    synonyms: Path | None = Field(
+        None, description="Synonym dictionary: JSON {word: [synonyms]} or lines 'word syn1 syn2'."
+    )
+    translation_model: str | None = Field(
+        None, description="Model translating into the pivot language (e.g. Helsinki-NLP/opus-mt-zh-en)."
+    )
+    back_translation_model: str | None = Field(
+        None, description="Model translating back (e.g. Helsinki-NLP/opus-mt-en-zh)."
+    )
+
+    @model_validator(mode="after")
+    def _resources_for_methods(self) -> AugmentConfig:
+        if self.enabled and "synonym" in self.methods and self.synonyms is None:
+            raise ValueError("method 'synonym' needs augment.synonyms: a synonym dictionary file")
+        if (
+            self.enabled
+            and "back_translation" in self.methods
+            and not (self.translation_model and self.back_translation_model)
+        ):
+            raise ValueError(
+                "method 'back_translation' needs augment.translation_model and augment.back_translation_model"
+            )
+        return self
+
+
+class BalanceConfig(Section):
+    """Class balancing of the training split by a label field."""
+
+    field: str | None = Field(
+        None, description="Label to balance on: 'label', 'source' or 'metadata.<key>'; None: no balancing."
+    )
+    strategy: Literal["oversample", "undersample"] = Field(
+        "oversample", description="Repeat rare classes up to the largest, or cut large ones to the smallest."
+    )
+
+
+class MixConfig(Section):
+    """How several sources are mixed into the training split."""
+
+    strategy: Literal["concat", "ratio", "temperature"] = Field(
+        "concat",
+        description="'concat': everything once; 'ratio': sources[].ratio shares; "
+        "'temperature': shares by n_i^(1/T).",
+    )
+    fill: Literal["undersample", "oversample"] = Field(
+        "undersample",
+        description="Reach the shares by sampling down the larger sources, or by repeating the smaller ones.",
+    )
+    temperature: float = Field(2.0, gt=0, description="T of temperature sampling (1: natural shares).")
+    dynamic: bool = Field(
+        False, description="Re-weight sources during training from their validation loss (domain fitness)."
+    )
+    dynamic_step: float = Field(
+        1.0, gt=0, description="How strongly a source's excess validation loss raises its weight."
+    )
+    dynamic_min_share: float = Field(0.05, ge=0, lt=1, description="No source's share drops below this.")
+
+
 class DataConfig(Section):
-    """Where the training data comes from and how it is split and tokenised."""
+    """Where the training data comes from, how it is cleaned, split, mixed and tokenised."""
 
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig()], min_length=1, description="Data sources, read in order."
     )
+    on_error: Literal["stop", "skip"] = Field(
+        "stop", description="A malformed record: stop with its file and line, or skip and count it."
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Worker processes for cleaning and tokenising; None: automatic by size."
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Cleaning rules.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Deduplication.")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Personal-data masking.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation.")
+    balance: BalanceConfig = Field(default_factory=BalanceConfig, description="Class balancing.")
+    mix: MixConfig = Field(default_factory=MixConfig, description="Source mixing.")
     validation_ratio: float = Field(
         0.05,
         ge=0,
@@ -106,17 +295,58 @@ class DataConfig(Section):
     test_ratio: float = Field(
         0.05, ge=0, lt=1, description="Share of a file source held out for the test split."
     )
+    stratify_by: str | None = Field(
+        None, description="Keep this field's class shares equal across splits ('label', 'metadata.<key>')."
+    )
     max_train_samples: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
     max_eval_samples: int | None = Field(
         None, ge=1, description="Keep at most this many validation and test examples each."
     )
-    max_length: int = Field(512, ge=16, description="Longest tokenised example; longer ones are dropped.")
+    max_length: int = Field(512, ge=16, description="Most tokens of one tokenised example.")
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop", description="An example over max_length: drop it, or keep its first max_length tokens."
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="Tokens in the loss: every assistant answer, only the last one, or all."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into each training row (no attention across them)."
+    )
+    pack_length: int | None = Field(
+        None, ge=16, description="Tokens per packed row; None: max_length. Batch = batch_size rows."
+    )
     system_prompt: str | None = Field(None, description="System message put before every conversation.")
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataConfig:
         if self.validation_ratio + self.test_ratio >= 1:
             raise ValueError("validation_ratio + test_ratio must be below 1 so that training data remains")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(
+                f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mixing_ratios_add_up(self) -> DataConfig:
+        ratios = [s.ratio for s in self.sources]
+        if self.mix.strategy != "ratio":
+            if any(r is not None for r in ratios):
+                raise ValueError(
+                    "sources[].ratio is set but mix.strategy is not 'ratio': set mix.strategy: ratio"
+                )
+            return self
+        if any(r is None for r in ratios):
+            missing = [s.name or s.path for s, r in zip(self.sources, ratios, strict=True) if r is None]
+            raise ValueError(
+                f"mix.strategy 'ratio' needs a ratio on every source; missing on {', '.join(missing)}"
+            )
+        total = sum(r for r in ratios if r is not None)
+        if all(r <= 1 for r in ratios if r is not None) and abs(total - 1) > 1e-6:
+            raise ValueError(
+                f"the sources' ratios add up to {total:g}: shares must add up to 1 "
+                "(or give whole-number weights such as 7, 2, 1)"
+            )
         return self
 
 
