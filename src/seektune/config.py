@@ -84,7 +84,7 @@ class ModelConfig(Section):
 
 SOURCE_FIELDS = (
     "messages", "conversations", "system", "instruction", "input", "output", "context", "response",
-    "prompt", "completion", "question", "answer", "text", "metadata", "label",
+    "prompt", "completion", "question", "answer", "text", "metadata", "label", "history",
 )  # fmt: skip
 PII_KINDS = ("email", "phone", "id_card", "bank_card", "ip", "secret")
 AUGMENT_METHODS = ("synonym", "swap", "delete", "insert", "reorder", "back_translation")
@@ -324,6 +324,11 @@ class DataConfig(Section):
         if self.pack_length is not None and self.pack_length < self.max_length:
             raise ValueError(
                 f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})"
+            )
+        if self.packing and self.mix.dynamic:
+            raise ValueError(
+                "mix.dynamic re-weights sources example by example, which packing mixes into one row: "
+                "turn off one of packing and mix.dynamic"
             )
         return self
 
