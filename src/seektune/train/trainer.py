@@ -2,8 +2,10 @@
 
 seektune's part is the mapping from the `train` config section to `TrainingArguments` (with the choices
 that are right on this hardware: fp32 and no gradient checkpointing on a CPU, bf16 where the GPU has it),
-the collator that pads labels with -100, the record of the loss history for the report, and saving the
-final artefact (adapter or full model, with the tokenizer) into the run directory.
+the choice of collator (padded examples, or packed rows: `seektune.train.collate`), the optional
+re-weighting of domains from their validation loss (`seektune.train.callbacks`), the record of the loss
+history for the report, and saving the final artefact (adapter or full model, with the tokenizer) into the
+run directory.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from seektune.config import TrainConfig
-from seektune.data.prepare import IGNORE_INDEX, PreparedData
 from seektune.errors import UserError
 from seektune.logs import ProgressCallback, log_event
 from seektune.rundir import RunDir
+
+if TYPE_CHECKING:
+    from seektune.data.mix import DomainWeights
+    from seektune.data.prepare import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class TrainResult:
     runtime_s: float = 0.0
     tokens_per_s: float | None = None
     steps: int = 0
+    domain_shares: list[dict[str, Any]] = field(default_factory=list)
 
     def scores(self) -> dict[str, Any]:
         """What the same config and seed reproduce exactly."""
@@ -54,6 +60,7 @@ class TrainResult:
             "runtime_s": round(self.runtime_s, 2),
             "tokens_per_s": self.tokens_per_s,
             "model_dir": str(self.model_dir),
+            "domain_shares": self.domain_shares,
         }
 
 
@@ -77,8 +84,19 @@ def precision_flags(precision: str, device: torch.device) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(cfg: TrainConfig, run: RunDir, seed: int, device: torch.device, has_validation: bool):
-    """The `TrainingArguments` of one run, from the `train` section."""
+def training_arguments(
+    cfg: TrainConfig,
+    run: RunDir,
+    seed: int,
+    device: torch.device,
+    has_validation: bool,
+    packed: bool = False,
+):
+    """The `TrainingArguments` of one run, from the `train` section.
+
+    Unpacked examples are batched by similar length (`group_by_length`, lengths from the `length` column);
+    packed rows are nearly all of one length, so they are drawn at random.
+    """
     from transformers import TrainingArguments
 
     per_epoch = cfg.eval_steps is None
@@ -107,43 +125,65 @@ def training_arguments(cfg: TrainConfig, run: RunDir, seed: int, device: torch.d
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="random" if packed else "group_by_length",
         dataloader_num_workers=0,
         **precision_flags(cfg.precision, device),
     )
 
 
-def _dataset(rows: list[dict[str, list[int]]]):
+def _dataset(split: Any):
+    """A split as a `datasets.Dataset` (None when empty); lists of rows are still accepted."""
     from datasets import Dataset
 
-    return Dataset.from_list(rows) if rows else None
+    if split is None or len(split) == 0:
+        return None
+    return split if isinstance(split, Dataset) else Dataset.from_list(split)
 
 
 def train(
-    cfg: TrainConfig, model: Any, tokenizer: Any, data: PreparedData, run: RunDir, seed: int
+    cfg: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    run: RunDir,
+    seed: int,
+    domain_weights: DomainWeights | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` on the prepared training split; save the result to `<run>/model`."""
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
+    """Fine-tune `model` on the prepared training split; save the result to `<run>/model`.
+
+    With `domain_weights`, training examples are drawn by domain (`source` column) at the current shares,
+    which are updated from the per-domain validation loss after every evaluation.
+    """
+    from transformers import PrinterCallback
+
+    from seektune.train.callbacks import DomainSampledTrainer
+    from seektune.train.collate import collator_for
 
     device = next(model.parameters()).device
     train_set = _dataset(data.tokenized["train"])
     eval_set = _dataset(data.tokenized["validation"])
-    callback = ProgressCallback()
-    trainer = Trainer(
+    packed = "position_ids" in train_set.column_names
+    collator = collator_for(train_set, tokenizer)
+    progress_callback = ProgressCallback()
+    sampler, reweight = _domain_reweighting(domain_weights, train_set, eval_set, collator, seed)
+    trainer = DomainSampledTrainer(
         model=model,
-        args=training_arguments(cfg, run, seed, device, eval_set is not None),
+        args=training_arguments(cfg, run, seed, device, eval_set is not None, packed),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        callbacks=[callback],
+        data_collator=collator,
+        callbacks=[progress_callback] + ([reweight] if reweight else []),
+        train_sampler=sampler,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
     started = time.perf_counter()
     try:
         output = trainer.train()
     finally:
-        callback.close()
+        progress_callback.close()
     runtime = time.perf_counter() - started
+    if reweight is not None:
+        trainer.remove_callback(reweight)  # the final evaluation below no longer steers any training
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     model_dir = _save_final(trainer, tokenizer, run)
     epochs_done = (
@@ -158,9 +198,33 @@ def train(
         runtime_s=runtime,
         tokens_per_s=round(tokens / runtime, 1) if runtime > 0 else None,
         steps=output.global_step,
+        domain_shares=reweight.history if reweight is not None else [],
     )
     log_event(logger, "training finished", **result.summary())
     return result
+
+
+def _domain_reweighting(
+    domain_weights: DomainWeights | None, train_set: Any, eval_set: Any, collator: Any, seed: int
+) -> tuple[Any, Any]:
+    """(sampler, callback) of dynamic domain re-weighting, or (None, None) without `domain_weights`."""
+    if domain_weights is None:
+        return None, None
+    from seektune.train.callbacks import DomainReweightCallback, WeightedDomainSampler
+
+    if "position_ids" in train_set.column_names:
+        raise UserError(
+            "data.mix.dynamic draws examples by source, which packed rows mix: turn off data.packing"
+        )
+    if eval_set is None:
+        raise UserError(
+            "data.mix.dynamic re-weights sources by their validation loss but there is no validation "
+            "split: set data.validation_ratio above 0 (or give validation files)"
+        )
+    if "source" not in train_set.column_names or "source" not in eval_set.column_names:
+        raise ValueError("domain re-weighting needs a `source` column in the train and validation splits")
+    sampler = WeightedDomainSampler(train_set.with_format("arrow")["source"], domain_weights, seed)
+    return sampler, DomainReweightCallback(domain_weights, eval_set, collator)
 
 
 def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
