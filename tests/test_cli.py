@@ -77,7 +77,7 @@ def test_empty_dataset_is_a_user_error(tmp_path, capsys, base_cache):
     )
     code, _, err = run_cli(["data", "prepare", str(cfg)], capsys)
     assert code == 2
-    assert "empty.jsonl is empty" in err or "no usable records" in err
+    assert "empty.jsonl has no records (the file is empty)" in err
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -95,7 +95,7 @@ def test_log_json_emits_json_events(tmp_path, capsys, base_cache):
     assert code == 0, err
     events = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert any(e["event"] == "data prepared" and e["train"] == 8 for e in events)
-    run_dir = Path(out.split("run directory: ")[1].strip())
+    run_dir = Path(out.split("run directory: ")[1].splitlines()[0].strip())
     assert (run_dir / "data" / "train.jsonl").is_file()
     assert (run_dir / "logs" / "events.jsonl").is_file()
 

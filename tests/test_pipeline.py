@@ -34,7 +34,12 @@ def test_run_directory_holds_every_artefact(tmp_path, base_cache):
         "status.json",
         "plots/loss.png",
         "data/report.json",
+        "data/report.md",
+        "data/plots/lengths_tokens.png",
+        "data/train.jsonl",
+        "data/validation.jsonl",
         "data/test.jsonl",
+        "data/tokenized/train/state.json",
         "train/history.json",
         "eval/base-answers.jsonl",
         "eval/tuned-answers.jsonl",
@@ -89,3 +94,5 @@ def test_quickstart_config_beats_the_base(tmp_path):
     tuned = json.loads(run.metrics_path.read_text())["eval"]["tuned"]
     assert tuned["eos_rate"] > 0.9
     assert "beats the base" in run.report_path.read_text()
+    data_report = (run.path / "data" / "report.md").read_text()
+    assert "| exact\\_dedup |" in data_report and "[data/report.md]" in run.report_path.read_text()

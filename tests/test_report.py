@@ -34,10 +34,13 @@ def _summary() -> dict[str, Any]:
             "dtype": "float32",
         },
         "data": {
-            "sources": [{"path": "builtin:stdlib-docs-qa", "examples": 1000}],
+            "sources": {"stdlib-docs-qa": 1000},
             "splits": {"train": 900, "validation": 50, "test": 50},
             "fingerprint": "ab" * 32,
-            "dropped": {"too_long": 3, "duplicates": 0},
+            "removed": {"too_long": 3, "near": 0},
+            "pii": {"email": 2},
+            "train_tokens": 123456,
+            "shift_auc": 0.52,
         },
         "train": {
             "history": history,
@@ -108,6 +111,8 @@ def test_report_has_headline_sections_and_plots(run: RunDir) -> None:
         assert heading in text
     assert "![loss](plots/loss.png)" in text and "![eval](plots/eval.png)" in text
     assert "| train | 900 |" in text and "ab" * 32 in text and "`too_long`: 3" in text
+    assert "`near`" not in text and "`email`: 2" in text and "AUC, 0.5 = none): 0.52" in text
+    assert "[data/report.md](data/report.md)" in text
     assert "1.2M of 120M (1%)" in text and "3 min 12 s" in text
     assert "| Perplexity ↓ | 12.3 | 5.6 | −54% (better) |" in text
     assert "| Answers ending with EOS ↑ | 3% | 94% | +91 pp (better) |" in text

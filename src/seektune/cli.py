@@ -74,10 +74,18 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @data_app.command("prepare")
 def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Load, split and tokenise the data; write it and its report into a run directory."""
+    """Load, clean, deduplicate, mask, split, mix and tokenise the data; write it and its report."""
     from seektune.pipeline import run_data_stage
 
-    _done(run_data_stage(_load(config, set_)).path)
+    run_dir = run_data_stage(_load(config, set_)).path
+    if not json_events_enabled():
+        from rich.console import Console
+
+        from seektune.data.report import print_data_report
+
+        print_data_report(json.loads((run_dir / "data" / "report.json").read_text()), Console())
+    _done(run_dir)
+    typer.echo(f"data report: {run_dir / 'data' / 'report.md'}")
 
 
 @app.command()

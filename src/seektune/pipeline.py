@@ -126,16 +126,16 @@ def _tokenizer(cfg: SeektuneConfig) -> Any:
 
 
 def _prepare(state: RunContext, tokenizer: Any):
-    from seektune.data.prepare import prepare_data
+    from seektune.data.prepare import compact_report, prepare_data
 
     data = prepare_data(state.cfg.data, tokenizer, state.cfg.seed, state.run.data_dir)
-    state.summary["data"] = data.report
-    state.run.update_metrics("data", data.report)
+    state.summary["data"] = compact_report(data.report)
+    state.run.update_metrics("data", state.summary["data"])
     return data
 
 
 def _require_test_split(data: Any) -> None:
-    if not data.tokenized["test"]:
+    if not len(data.tokenized["test"]):
         raise UserError(
             "the test split is empty, so nothing can be evaluated: raise data.test_ratio, add data, "
             "or set eval.enabled: false"
@@ -156,7 +156,8 @@ def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: A
     state.run.update_metrics("eval", {which: scores})
     state.run.update_metrics("timing", {f"eval_{which}_s": seconds})
     answers = []
-    for record, generation in zip(data.records["test"], generations, strict=False):
+    conversations = (r for r in data.records["test"] if r["messages"])
+    for record, generation in zip(conversations, generations, strict=False):
         _, question, reference = last_exchange(record["messages"])
         answers.append(
             {
@@ -179,13 +180,38 @@ def _train(state: RunContext, loaded: Any, data: Any) -> Any:
     from seektune.train.trainer import train
 
     model, trainable = apply_method(loaded.model, state.cfg.method, loaded.family)
-    result = train(state.cfg.train, model, loaded.tokenizer, data, state.run, state.cfg.seed)
+    result = train(
+        state.cfg.train,
+        model,
+        loaded.tokenizer,
+        data,
+        state.run,
+        state.cfg.seed,
+        domain_weights=_domain_weights(state.cfg, data),
+    )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     state.summary["train"] = {**result.summary(), "history": result.history, **counts}
     state.run.update_metrics("train", {**result.scores(), **counts})
     state.run.update_metrics("timing", result.timing())
     state.run.write_json("train/history.json", result.history)
     return model
+
+
+def _domain_weights(cfg: SeektuneConfig, data: Any) -> Any:
+    """The dynamic source weights (`data.mix.dynamic`), starting from the training split's shares."""
+    if not cfg.data.mix.dynamic:
+        return None
+    from collections import Counter
+
+    from seektune.data.mix import DomainWeights
+    from seektune.data.records import column_values
+
+    counts = Counter(column_values(data.tokenized["train"], "source"))
+    if len(counts) < 2:
+        raise UserError("data.mix.dynamic re-weights sources, but the training data has one: add a source")
+    total = sum(counts.values())
+    shares = {name: n / total for name, n in sorted(counts.items())}
+    return DomainWeights(shares, cfg.data.mix.dynamic_step, cfg.data.mix.dynamic_min_share)
 
 
 def _finish(state: RunContext) -> None:

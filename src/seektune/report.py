@@ -290,13 +290,21 @@ def _data_section(data: dict[str, Any]) -> list[str]:
     if splits:
         rows = [[_md_escape(name), _fmt_num(count)] for name, count in splits.items()]
         lines += [*_table(["Split", "Examples"], rows, "lr"), ""]
-    for source in data.get("sources") or []:
-        lines.append(f"- Source `{source.get('path')}`: {_fmt_num(source.get('examples'))} examples")
+    for name, count in (data.get("sources") or {}).items():
+        lines.append(f"- Source `{_md_escape(name)}`: {_fmt_num(count)} records read")
+    removed = {k: v for k, v in (data.get("removed") or {}).items() if v}
+    removed_text = ", ".join(f"`{k}`: {_fmt_num(v)}" for k, v in removed.items()) or "none"
+    lines.append(f"- Removed: {removed_text}")
+    pii = {k: v for k, v in (data.get("pii") or {}).items() if v}
+    if pii:
+        lines.append("- Personal data masked: " + ", ".join(f"`{k}`: {_fmt_num(v)}" for k, v in pii.items()))
+    if _is_number(data.get("train_tokens")):
+        lines.append(f"- Training tokens: {_fmt_num(data['train_tokens'])}")
+    if _is_number(data.get("shift_auc")):
+        lines.append(f"- Train/test shift (adversarial AUC, 0.5 = none): {data['shift_auc']:.2f}")
     if data.get("fingerprint"):
         lines.append(f"- Data fingerprint (sha256): `{data['fingerprint']}`")
-    dropped = {k: v for k, v in (data.get("dropped") or {}).items() if v}
-    dropped_text = ", ".join(f"`{k}`: {_fmt_num(v)}" for k, v in dropped.items()) or "none"
-    lines.append(f"- Dropped examples: {dropped_text}")
+    lines.append("- Full data report: [data/report.md](data/report.md)")
     return [*lines, ""]
 
 

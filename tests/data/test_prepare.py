@@ -1,163 +1,164 @@
-"""Data stage: formats, loading errors, the built-in task and its split, tokenisation with EOS in the loss."""
+"""The data stage as a whole: splits, every step in order, what is written, and bad input."""
 
-import copy
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+import yaml
 
-from seektune.config import BaseBuildConfig, DataConfig
-from seektune.data import stdlib_docs
-from seektune.data.formats import to_messages
-from seektune.data.prepare import IGNORE_INDEX, encode_chat, prepare_data
+from seektune.config import DataConfig
+from seektune.data.encode import IGNORE_INDEX
+from seektune.data.prepare import prepare_data, split_sizes
 from seektune.errors import UserError
 
-
-@pytest.fixture(scope="module")
-def tokenizer(base_cache):
-    from seektune.models.tiny import base_dir
-    from support import TINY_RECIPE
-
-    return AutoTokenizer.from_pretrained(base_dir(BaseBuildConfig(**TINY_RECIPE), base_cache))
+EXAMPLES = Path(__file__).parents[2] / "examples" / "data"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
-@pytest.mark.parametrize(
-    "record",
-    [
-        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
-        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
-        {"instruction": "Q", "input": "", "output": "A"},
-        {"prompt": "Q", "completion": "A"},
-        {"question": "Q", "answer": "A"},
-    ],
-)
-def test_every_shape_becomes_the_same_chat(record):
-    assert to_messages(record) == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
-def test_alpaca_input_is_appended_and_unknown_shapes_are_none():
-    assert to_messages({"instruction": "Do", "input": "this", "output": "ok"})[0]["content"] == "Do\n\nthis"
-    assert to_messages({"text": "raw"}) is None
-    assert to_messages({"messages": [{"role": "wizard", "content": "x"}]}) is None
+def _qa(n: int, offset: int = 0) -> list[dict]:
+    """Distinct question/answer pairs (different enough that near-dedup keeps them all)."""
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    rows = []
+    for i in range(offset, offset + n):
+        topic = " ".join(words[(i * k) % len(words)] + str(i * k) for k in range(1, 5))
+        rows.append({"question": f"What does {topic} mean?", "answer": f"It means {topic[::-1]} number {i}."})
+    return rows
 
 
-def test_only_answers_are_learnt_and_they_end_with_eos(tokenizer):
-    messages = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "Four."},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "Six."},
-    ]
-    encoded, _ = encode_chat(messages, tokenizer, max_length=256, system_prompt="Be brief.")
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    assert ids[0] == tokenizer.bos_token_id
-    assert labels[-1] == tokenizer.eos_token_id
-    learnt = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
-    assert learnt == "Four.<｜end▁of▁sentence｜>Six.<｜end▁of▁sentence｜>"
-    full = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, *messages], tokenize=False
-    )
-    assert tokenizer.decode(ids) == full  # turn-by-turn tokenisation equals the template's rendering
+def _read_split(out: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def test_long_and_answerless_examples_are_dropped_with_reasons(tokenizer):
-    assert encode_chat([{"role": "user", "content": "hi"}], tokenizer, 256)[1] == "no_answer"
-    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
-    assert encode_chat(long, tokenizer, 64) == (None, "too_long")
-
-
-def test_builtin_split_is_fixed_and_held_out_of_pretraining():
-    units = stdlib_docs.collect_units()
-    held_out = {u.key for u in units if u.split in {"validation", "test"}}
-    assert held_out and len(held_out) < len(units) / 5
-    corpus = stdlib_docs.pretraining_texts(units)
-    titles = {text.split("\n\n", 1)[0] for text in corpus}
-    assert not any(u.title in titles for u in units if u.split == "test")
-    test = stdlib_docs.qa_examples("test", units)
-    train_sources = {r["source"] for r in stdlib_docs.qa_examples("train", units)}
-    assert test and not {r["source"] for r in test} & train_sources
-    train_answers = {r["messages"][1]["content"] for r in stdlib_docs.qa_examples("train", units)}
-    assert not {r["messages"][1]["content"] for r in test} & train_answers  # no shared docstring leaks
-    assert stdlib_docs.split_of("json.dumps") == stdlib_docs.split_of("json.dumps")
-
-
-def test_first_paragraph_skips_signatures_and_cuts_at_a_sentence():
-    text = "dumps(obj) -> str\n\nSerialize obj to a JSON formatted str. " + "More words here. " * 40
-    answer = stdlib_docs.first_paragraph(text)
-    assert answer.startswith("Serialize obj")
-    assert answer.endswith(".") and len(answer) <= 320
-
-
-def test_user_jsonl_is_split_by_ratio_and_fingerprinted(tmp_path, tokenizer):
-    path = tmp_path / "qa.jsonl"
-    rows = [{"question": f"What is item {i}?", "answer": f"Item {i} is a thing."} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_user_jsonl_is_split_by_ratio_written_and_fingerprinted(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "qa.jsonl", _qa(40))
     cfg = DataConfig(sources=[{"path": str(path)}], validation_ratio=0.1, test_ratio=0.2)
     first = prepare_data(cfg, tokenizer, seed=1, out_dir=tmp_path / "out")
     assert first.report["splits"] == {"train": 28, "validation": 4, "test": 8}
-    assert (tmp_path / "out" / "test.jsonl").read_text().count("\n") == 8
-    assert prepare_data(cfg, tokenizer, seed=1).report["fingerprint"] == first.report["fingerprint"]
-    assert prepare_data(cfg, tokenizer, seed=2).report["fingerprint"] != first.report["fingerprint"]
+    assert len(_read_split(tmp_path / "out", "test")) == 8
+    assert _read_split(tmp_path / "out", "train")[0]["messages"][0]["role"] == "user"
+    assert len(first.tokenized["test"]) == len(first.records["test"]) == 8  # rows align with records
+    assert not (tmp_path / "out" / "cache").exists()  # intermediate Arrow files are removed
+    again = prepare_data(cfg, tokenizer, seed=1, out_dir=tmp_path / "again")
+    assert again.report["fingerprint"] == first.report["fingerprint"]
+    other = prepare_data(cfg, tokenizer, seed=2, out_dir=tmp_path / "other")
+    assert other.report["fingerprint"] != first.report["fingerprint"]
+
+
+def test_split_sizes_keep_a_test_example_in_tiny_groups():
+    assert split_sizes(5, 0.05, 0.05) == (1, 1)
+    assert split_sizes(2, 0.05, 0.05) == (0, 0)
+    assert split_sizes(100, 0.1, 0.2) == (20, 10)
+
+
+def test_stratified_split_keeps_label_shares(tmp_path, tokenizer):
+    rows = [{**r, "label": "rare" if i % 5 == 0 else "common"} for i, r in enumerate(_qa(100))]
+    path = _write_jsonl(tmp_path / "labelled.jsonl", rows)
+    cfg = DataConfig(sources=[{"path": str(path)}], test_ratio=0.2, validation_ratio=0.1, stratify_by="label")
+    prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+    test_labels = [r["label"] for r in prepared.records["test"]]
+    assert test_labels.count("rare") == 4 and test_labels.count("common") == 16
+
+
+def test_a_held_out_record_beats_its_training_twin(tmp_path, tokenizer):
+    train_rows = _qa(30)
+    twin = {"question": train_rows[3]["question"].upper(), "answer": train_rows[3]["answer"]}
+    train = _write_jsonl(tmp_path / "train.jsonl", train_rows)
+    test = _write_jsonl(tmp_path / "test.jsonl", [twin, *_qa(3, offset=100)])
+    cfg = DataConfig(
+        sources=[{"path": str(train), "split": "train"}, {"path": str(test), "split": "test"}],
+    )
+    prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+    assert prepared.report["splits"] == {"train": 29, "validation": 0, "test": 4}
+    train_questions = {r["messages"][0]["content"].lower() for r in prepared.records["train"]}
+    assert train_rows[3]["question"].lower() not in train_questions
+    assert prepared.report["duplicates"]["exact"] == 1
+
+
+def test_documents_train_in_windows_and_packing_fills_rows(tmp_path, tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"page{i}.md").write_text(f"Page {i} talks about topic {i}. " * (20 + 10 * i))
+    qa = _write_jsonl(tmp_path / "qa.jsonl", _qa(30))
+    cfg = DataConfig(
+        sources=[{"path": str(docs), "split": "train"}, {"path": str(qa)}],
+        max_length=64,
+        packing=True,
+        pack_length=128,
+    )
+    prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+    train = prepared.tokenized["train"]
+    assert "position_ids" in train.column_names and max(train["length"]) <= 128
+    # packing keeps every token: the rows hold exactly the tokens of the unpacked examples
+    assert sum(train["length"]) == prepared.report["train_tokens"]
+    packing = prepared.report["packing"]["train"]
+    assert packing["rows"] < packing["examples"] and packing["fill"] > 0.8
+    for row in train:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE_INDEX for i in starts)
+
+
+def test_every_record_removed_by_cleaning_is_one_clear_error(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "short.jsonl", [{"prompt": "hi", "completion": "yo"}] * 3)
+    cfg = DataConfig(sources=[{"path": str(path)}], clean={"min_chars": 50})
+    with pytest.raises(UserError, match=r"every record was removed by cleaning \(3 by min_chars\)"):
+        prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+
+
+def test_two_sources_with_one_name_are_refused(tmp_path, tokenizer):
+    a = _write_jsonl(tmp_path / "a.jsonl", _qa(5))
+    cfg = DataConfig(sources=[{"path": str(a), "name": "x"}, {"path": str(a), "name": "x"}])
+    with pytest.raises(UserError, match="both named 'x'"):
+        prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
 
 
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("bad.jsonl", '{"question": "a", "answer": "b"}\n{oops\n', "line 2: not valid JSON"),
-        ("none.jsonl", '{"text": "raw"}\n', "no usable records"),
-        ("data.csv", "a,b\n", "unsupported file type"),
+        ("bad.jsonl", '{"question": "a", "answer": "b"}\n{oops\n', r"bad\.jsonl:2: not valid JSON"),
+        ("data.xml", "<a/>", "data.sources"),
+        ("empty.jsonl", "", "empty"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path, tokenizer, name, content, message):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0)
+        prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0, out_dir=tmp_path / "o")
 
 
-def test_missing_file_and_unknown_builtin(tokenizer, tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        prepare_data(DataConfig(sources=[{"path": str(tmp_path / "x.jsonl")}]), tokenizer, seed=0)
-    with pytest.raises(UserError, match="unknown built-in dataset"):
-        prepare_data(DataConfig(sources=[{"path": "builtin:nope"}]), tokenizer, seed=0)
-
-
-# DeepSeek-R1's own template shape: the generation prompt opens a <think> block, and past answers lose
-# their reasoning.
-R1_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
-    "{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}<｜end▁of▁sentence｜>"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
-)
-
-
-def test_r1_style_template_still_learns_the_answers(tokenizer):
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = R1_TEMPLATE
-    messages = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "<think>add</think>Four."},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "Six."},
-    ]
-    encoded, reason = encode_chat(messages, tokenizer, max_length=256)
-    assert reason == ""
-    learnt = [
-        t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != IGNORE_INDEX
-    ]
-    assert tokenizer.decode(learnt) == "Four.<｜end▁of▁sentence｜>Six.<｜end▁of▁sentence｜>"
-
-
-def test_tiny_files_keep_a_test_example(tmp_path, tokenizer):
-    path = tmp_path / "few.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(5)))
-    prepared = prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0)
-    assert prepared.report["splits"] == {"train": 3, "validation": 1, "test": 1}
-
-
-def test_non_utf8_file_is_a_user_error(tmp_path, tokenizer):
-    path = tmp_path / "gbk.jsonl"
-    path.write_bytes(json.dumps({"prompt": "你好", "completion": "世界"}, ensure_ascii=False).encode("gbk"))
-    with pytest.raises(UserError, match="not UTF-8"):
-        prepare_data(DataConfig(sources=[{"path": str(path)}]), tokenizer, seed=0)
+def test_example_config_runs_every_step_and_leaves_sources_untouched(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in EXAMPLES.rglob("*") if p.is_file()}
+    raw = yaml.safe_load((CONFIGS / "data-mix.yaml").read_text())["data"]
+    prepared = prepare_data(DataConfig(**raw), tokenizer, seed=42, out_dir=tmp_path / "out")
+    report = prepared.report
+    steps = {step["step"]: step for step in report["steps"]}
+    assert list(steps) == [
+        "load", "clean", "privacy", "exact_dedup", "near_dedup", "split", "mix", "augment", "tokenise",
+    ]  # fmt: skip
+    assert steps["clean"]["removed"]["language"] >= 1  # the French ticket
+    assert steps["exact_dedup"]["removed"] == {"exact": 2}  # full-width '？' and upper case are no disguise
+    assert report["pii"]["email"] == 2 and report["pii"]["id_card"] == 1
+    written = "".join(
+        (tmp_path / "out" / f"{s}.jsonl").read_text(encoding="utf-8") for s in ("train", "validation", "test")
+    )
+    assert "support@example.com" not in written and "13812345678" not in written
+    assert "Bonjour" not in written
+    assert report["mix"]["shares_after"] == pytest.approx(
+        {"faq-zh": 0.4, "support-en": 0.4, "handbook": 0.2}, abs=0.03
+    )
+    held_out = [*prepared.records["validation"], *prepared.records["test"]]
+    assert all(not r["augmented"] and r["source"] != "handbook" for r in held_out)
+    assert (
+        sum(1 for r in prepared.records["train"] if r["augmented"]) == sum(report["augmented"].values()) > 0
+    )
+    assert (tmp_path / "out" / "report.md").read_text(encoding="utf-8").startswith("# Data report")
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in EXAMPLES.rglob("*") if p.is_file()}
+    assert after == before

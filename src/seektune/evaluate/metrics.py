@@ -159,16 +159,24 @@ def evaluate_model(
     system_prompt: str | None = None,
     label: str = "model",
 ) -> tuple[dict[str, float], list[Generation]]:
-    """Scores of `model` on the test split and its generated answers."""
-    records = data.records["test"][: cfg.max_samples]
-    rows = data.tokenized["test"][: cfg.max_samples]
-    if not records:
+    """Scores of `model` on the test split and its generated answers (conversations only).
+
+    Perplexity covers every test row; answers are generated for the conversations among them (documents
+    of continued pre-training have no question to answer).
+    """
+    limit = min(len(data.records["test"]), cfg.max_samples or len(data.records["test"]))
+    rows = list(data.tokenized["test"].select(range(limit)))
+    records = [r for r in data.records["test"].select(range(limit)) if r["messages"]]
+    if not rows:
         return {"n": 0}, []
     model.eval()
     started = time.perf_counter()
-    scores: dict[str, float] = {"n": len(records)}
+    scores: dict[str, float] = {"n": len(rows)}
     if "perplexity" in cfg.metrics:
         scores["perplexity"] = round(perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id), 4)
+    if not records:
+        log_event(logger, f"{label} evaluated", **scores, seconds=round(time.perf_counter() - started, 2))
+        return scores, []
     prompts = [prompt_text(r["messages"], tokenizer, system_prompt) for r in records]
     generations = generate_answers(model, tokenizer, prompts, cfg)
     if "rouge_l" in cfg.metrics:
