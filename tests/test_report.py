@@ -167,3 +167,13 @@ def test_training_only_summary(run: RunDir) -> None:
     text = write_report(run, summary).read_text(encoding="utf-8")
     assert "final train loss 1 and validation loss 1.9" in text
     assert (run.plots_dir / "loss.png").exists() and not (run.plots_dir / "eval.png").exists()
+
+
+def test_dynamic_mix_shares_are_tabled(run: RunDir) -> None:
+    summary = copy.deepcopy(_summary())
+    summary["train"]["domain_shares"] = [
+        {"step": 0, "losses": {}, "shares": {"faq": 0.5, "docs": 0.5}},
+        {"step": 40, "losses": {"faq": 2.0, "docs": 1.0}, "shares": {"faq": 0.625, "docs": 0.375}},
+    ]
+    text = write_report(run, summary).read_text(encoding="utf-8")
+    assert "| Step | faq | docs |" in text and "| 40 | 62.5% | 37.5% |" in text

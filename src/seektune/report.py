@@ -335,7 +335,21 @@ def _training_section(train: dict[str, Any], loss_plot: str | None) -> list[str]
         lines += [f"![loss]({loss_plot})", ""]
     elif train.get("history") is not None:
         lines += ["No loss was logged, so there is no loss curve.", ""]
-    return lines
+    return lines + _domain_shares_section(train.get("domain_shares") or [])
+
+
+def _domain_shares_section(history: list[dict[str, Any]]) -> list[str]:
+    """Source shares of the dynamic mix (`data.mix.dynamic`): at the start and after each update."""
+    if len(history) < 2:
+        return []
+    sources = list(history[0]["shares"])
+    rows = [
+        [_fmt_num(entry.get("step")), *(f"{entry['shares'].get(name, 0):.1%}" for name in sources)]
+        for entry in history
+    ]
+    header = ["Step", *(_md_escape(name) for name in sources)]
+    intro = "Source shares of the training mix, re-weighted from each source's validation loss:"
+    return [intro, "", *_table(header, rows, "l" + "r" * len(sources)), ""]
 
 
 def _metric_label(name: str) -> str:
