@@ -118,7 +118,9 @@ class SourceConfig(Section):
     ratio: float | None = Field(
         None, gt=0, description="Share of this source in the training mix (mix.strategy: ratio)."
     )
-    max_samples: int | None = Field(None, ge=1, description="Read at most this many records of this source.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Read at most this many records of this source (of each of its own splits)."
+    )
 
     @field_validator("fields")
     @classmethod
@@ -298,7 +300,9 @@ class DataConfig(Section):
     stratify_by: str | None = Field(
         None, description="Keep this field's class shares equal across splits ('label', 'metadata.<key>')."
     )
-    max_train_samples: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Keep at most this many training records (before balance, mix, augment)."
+    )
     max_eval_samples: int | None = Field(
         None, ge=1, description="Keep at most this many validation and test examples each."
     )
@@ -334,20 +338,28 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _mixing_ratios_add_up(self) -> DataConfig:
-        ratios = [s.ratio for s in self.sources]
+        # Only sources that feed the training split take part in the mix.
+        mixed = [s for s in self.sources if s.split in ("auto", "train")]
         if self.mix.strategy != "ratio":
-            if any(r is not None for r in ratios):
+            if any(s.ratio is not None for s in self.sources):
                 raise ValueError(
                     "sources[].ratio is set but mix.strategy is not 'ratio': set mix.strategy: ratio"
                 )
             return self
-        if any(r is None for r in ratios):
-            missing = [s.name or s.path for s, r in zip(self.sources, ratios, strict=True) if r is None]
+        held_out = [s.name or s.path for s in self.sources if s not in mixed and s.ratio is not None]
+        if held_out:
             raise ValueError(
-                f"mix.strategy 'ratio' needs a ratio on every source; missing on {', '.join(missing)}"
+                f"source {', '.join(held_out)} goes to a held-out split, which is not mixed: remove its ratio"
             )
-        total = sum(r for r in ratios if r is not None)
-        if all(r <= 1 for r in ratios if r is not None) and abs(total - 1) > 1e-6:
+        missing = [s.name or s.path for s in mixed if s.ratio is None]
+        if missing:
+            raise ValueError(
+                "mix.strategy 'ratio' needs a ratio on every training source; missing on "
+                + ", ".join(missing)
+            )
+        ratios = [s.ratio for s in mixed if s.ratio is not None]
+        total = sum(ratios)
+        if all(r <= 1 for r in ratios) and abs(total - 1) > 1e-6:
             raise ValueError(
                 f"the sources' ratios add up to {total:g}: shares must add up to 1 "
                 "(or give whole-number weights such as 7, 2, 1)"

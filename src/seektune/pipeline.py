@@ -175,7 +175,7 @@ def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: A
         samples[index][which] = answer["answer"]
 
 
-def _train(state: RunContext, loaded: Any, data: Any) -> Any:
+def _train(state: RunContext, loaded: Any, data: Any, domain_weights: Any = None) -> Any:
     from seektune.models.methods import apply_method
     from seektune.train.trainer import train
 
@@ -187,7 +187,7 @@ def _train(state: RunContext, loaded: Any, data: Any) -> Any:
         data,
         state.run,
         state.cfg.seed,
-        domain_weights=_domain_weights(state.cfg, data),
+        domain_weights=domain_weights,
     )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     state.summary["train"] = {**result.summary(), "history": result.history, **counts}
@@ -209,6 +209,11 @@ def _domain_weights(cfg: SeektuneConfig, data: Any) -> Any:
     counts = Counter(column_values(data.tokenized["train"], "source"))
     if len(counts) < 2:
         raise UserError("data.mix.dynamic re-weights sources, but the training data has one: add a source")
+    if not len(data.tokenized["validation"]):
+        raise UserError(
+            "data.mix.dynamic re-weights sources by their validation loss but there is no validation "
+            "split: set data.validation_ratio above 0 (or give validation files)"
+        )
     total = sum(counts.values())
     shares = {name: n / total for name, n in sorted(counts.items())}
     return DomainWeights(shares, cfg.data.mix.dynamic_step, cfg.data.mix.dynamic_min_share)
@@ -245,10 +250,11 @@ def run_pipeline(cfg: SeektuneConfig) -> RunDir:
         data = _prepare(state, _tokenizer(cfg))  # bad data stops before any weight is loaded
         if cfg.eval.enabled:
             _require_test_split(data)
+        weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate(state, "base", loaded.model, loaded.tokenizer, data)
-        model = _train(state, loaded, data)
+        model = _train(state, loaded, data, weights)
         if cfg.eval.enabled:
             _evaluate(state, "tuned", model, loaded.tokenizer, data)
         _finish(state)
@@ -268,8 +274,9 @@ def run_train_stage(cfg: SeektuneConfig) -> RunDir:
     check_stages_available(cfg)
     with open_run(cfg, "train") as state:
         data = _prepare(state, _tokenizer(cfg))
+        weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
-        _train(state, loaded, data)
+        _train(state, loaded, data, weights)
         _finish(state)
     return state.run
 

@@ -55,12 +55,18 @@ _VERSIONED_PACKAGES = (
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old content or the new, never a mix."""
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` one after another to `path`, atomically, without holding them all in memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -83,8 +89,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[Any]) -> None:
-    """Write one JSON object per line (UTF-8, not ASCII-escaped), atomically."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    """Write one JSON object per line (UTF-8, not ASCII-escaped), atomically, streaming the rows."""
+    lines = ((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8") for row in rows)
+    atomic_write_chunks(path, lines)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -113,5 +113,13 @@ def test_tokenize_batch_marks_drops_and_keeps_documents_aligned_when_asked(token
     assert len(train["input_ids"]) > 3 and set(train["record_index"][2:]) == {12}
     held_out = tokenize_batch(batch, [10, 11, 12], tokenizer, 32, windows=False)
     assert held_out["record_index"] == [10, 11, 12]
+    assert held_out["truncated"] == [False, False, True] and held_out["drop_reason"][2] == ""
     short = tokenize_batch(batch, None, tokenizer, 256, min_tokens=1000)
     assert short["drop_reason"] == ["too_short", "no_answer", "too_short"]
+
+
+def test_turns_after_the_last_answer_are_left_out(tokenizer):
+    trailing = [*CHAT, {"role": "user", "content": "And 4+4?"}]
+    encoded, reason = encode_chat(trailing, tokenizer, 256)
+    assert reason == "" and encoded == encode_chat(CHAT, tokenizer, 256)[0]
+    assert "4+4" not in tokenizer.decode(encoded["input_ids"])

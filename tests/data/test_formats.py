@@ -157,3 +157,51 @@ def test_numbers_become_text_and_answerless_conversations_are_kept():
     assert not has_answer(messages)
     assert not has_answer([*messages, {"role": "assistant", "content": "  "}])
     assert has_answer(QA)
+
+
+def test_column_wise_structs_from_a_classic_sequence_feature_are_lists_of_objects():
+    sharegpt = {"conversations": {"from": ["human", "gpt"], "value": ["Q", "A"]}}
+    assert to_record_fields(sharegpt, {}) == (QA, "", {}, "")
+    openai = {"messages": {"role": ["user", "assistant"], "content": ["Q", "A"]}}
+    assert to_messages(openai) == QA
+    trl = {
+        "prompt": {"role": ["user"], "content": ["Q"]},
+        "completion": {"role": ["assistant"], "content": ["A"]},
+    }
+    assert to_messages(trl) == QA
+    with pytest.raises(InvalidRecord, match="no turns"):
+        to_record_fields({"conversations": {"from": [], "value": []}}, {})
+    assert to_record_fields({"messages": {"role": ["user"], "content": []}}, {}) is None  # unequal: no list
+
+
+def test_metadata_and_labels_that_json_cannot_hold_become_text():
+    import datetime
+    import decimal
+    import json
+
+    attached = {
+        "day": datetime.date(2024, 5, 6),
+        "at": datetime.datetime(2024, 5, 6, 7, 8, 9),
+        "price": decimal.Decimal("1.50"),
+        "raw": b"caf\xc3\xa9\xff",
+        "nested": {"days": [datetime.date(2023, 1, 2)], "missing": float("nan")},
+    }
+    row = {"question": "Q", "answer": "A", "metadata": attached, "label": {"when": datetime.date(2024, 1, 2)}}
+    _, _, metadata, label = to_record_fields(row, {})
+    assert json.loads(json.dumps(metadata, allow_nan=False)) == {
+        "day": "2024-05-06",
+        "at": "2024-05-06T07:08:09",
+        "price": "1.50",
+        "raw": "café\\xff",
+        "nested": {"days": ["2023-01-02"], "missing": None},
+    }
+    assert label == '{"when": "2024-01-02"}'
+    only = to_record_fields({"question": "Q", "answer": "A", "metadata": decimal.Decimal("2.5")}, {})
+    assert only[2] == {"metadata": "2.5"}
+    dated = {"question": "Q", "answer": "A", "label": datetime.datetime(2024, 1, 2, 3, 4)}
+    assert to_record_fields(dated, {})[3] == "2024-01-02T03:04:00"
+
+
+@pytest.mark.parametrize(("value", "label"), [(float("nan"), ""), (None, ""), (2.0, "2.0"), (False, "False")])
+def test_a_null_or_nan_label_is_no_label(value, label):
+    assert to_record_fields({"question": "Q", "answer": "A", "label": value}, {})[3] == label

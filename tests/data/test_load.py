@@ -1,16 +1,19 @@
 """Loading sources: every file format, folders, saved datasets, the built-in task, errors and the cache."""
 
 import csv
+import datetime
+import decimal
 import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from seektune.config import SourceConfig
 from seektune.data.load import load_source
@@ -335,3 +338,70 @@ def test_two_sources_with_the_same_content_do_not_share_a_cache_entry(tmp_path):
     a, b = load(tmp_path, first), load(tmp_path, second)
     assert (a.dataset["source"], b.dataset["source"]) == (["first"], ["second"])
     assert a.dataset.cache_files != b.dataset.cache_files
+
+
+def test_max_samples_applies_to_each_split_of_a_saved_dataset_dict(tmp_path):
+    splits = {"train": 5, "validation": 3, "test": 3}
+    saved = DatasetDict({name: Dataset.from_list([qa(i) for i in range(n)]) for name, n in splits.items()})
+    saved.save_to_disk(str(tmp_path / "dict"))
+    loaded = load(tmp_path, tmp_path / "dict", max_samples=2)
+    assert loaded.dataset["split"] == ["train"] * 2 + ["validation"] * 2 + ["test"] * 2
+    assert loaded.dataset["origin"][2:4] == ["dict[validation]:1", "dict[validation]:2"]
+    # All put into one split: the limit is for that split, as for a single file.
+    assert load(tmp_path, tmp_path / "dict", max_samples=2, split="train").dataset["split"] == ["train"] * 2
+
+
+def test_max_samples_keeps_every_split_of_the_builtin_task(tmp_path):
+    loaded = load(tmp_path, "builtin:stdlib-docs-qa", max_samples=3)
+    assert Counter(loaded.dataset["split"]) == {"train": 3, "validation": 3, "test": 3}
+
+
+def test_saved_dataset_with_classic_sequence_of_structs(tmp_path):
+    features = Features(
+        {
+            "conversations": Sequence({"from": Value("string"), "value": Value("string")}),
+            "topic": Value("string"),
+        }
+    )
+    columns = {"conversations": [{"from": ["human", "gpt"], "value": ["Q", "A"]}], "topic": ["t"]}
+    Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "seq"))
+    rows = load(tmp_path, tmp_path / "seq").dataset.to_list()
+    assert rows[0]["messages"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert json.loads(rows[0]["metadata"]) == {"topic": "t"}
+
+
+def test_parquet_struct_metadata_with_dates_decimals_bytes_and_null_labels(tmp_path):
+    path = tmp_path / "typed.parquet"
+    metadata = pa.array(
+        [{"day": datetime.date(2024, 5, 6), "price": decimal.Decimal("1.50"), "raw": b"ab"}] * 3,
+        pa.struct([("day", pa.date32()), ("price", pa.decimal128(5, 2)), ("raw", pa.binary())]),
+    )
+    labels = pa.array([1.0, float("nan"), None])
+    table = pa.table(
+        {"question": ["q0", "q1", "q2"], "answer": ["a"] * 3, "metadata": metadata, "label": labels}
+    )
+    pq.write_table(table, path)
+    loaded = load(tmp_path, path)
+    assert json.loads(loaded.dataset[0]["metadata"]) == {"day": "2024-05-06", "price": "1.50", "raw": "ab"}
+    assert loaded.dataset["label"] == ["1.0", "", ""]
+
+
+def test_parquet_damaged_in_the_middle_is_one_user_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    rows = [qa(i) for i in range(3000)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
+    second_group = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = second_group.dictionary_page_offset or second_group.data_page_offset
+    data[start : start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"broken\.parquet: the Parquet file is damaged after record 1000 "):
+        load(tmp_path, path, on_error="skip")
+
+
+def test_damaged_saved_dataset_is_one_user_error(tmp_path):
+    Dataset.from_list([qa(0), qa(1)]).save_to_disk(str(tmp_path / "saved"))
+    arrow_file = next((tmp_path / "saved").glob("*.arrow"))
+    arrow_file.write_bytes(arrow_file.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"saved: the dataset saved there .* cannot be read .*save it again"):
+        load(tmp_path, tmp_path / "saved")

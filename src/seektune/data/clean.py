@@ -1,12 +1,21 @@
 """Cleaning of record text: rules that rewrite the text, then filters that remove whole records.
 
 Rules, in this order, each switched by `data.clean.<rule>` and counted in the data report (`CLEAN_RULES`):
-unicode_nfkc (`unicodedata`), strip_html (tags of known HTML elements, comments, script/style blocks;
-entities through `html.unescape`), remove_control (control, zero-width and bidi-override characters, BOM,
-soft hyphen), fold_whitespace (runs of spaces inside a line, trailing spaces, 3+ newlines; the indentation
-at the start of a line is kept so that code stays valid), allowed_chars (a regex character class of what
-to keep). Filters, the first that applies names the removal (`CLEAN_FILTERS`): empty, min_chars,
-max_chars, language (lingua).
+unicode_nfkc (`unicodedata`; see below), strip_html (tags of known HTML elements, comments, script/style
+blocks; entities through `html.unescape`), remove_control (control, zero-width and bidi-override
+characters, BOM, soft hyphen), fold_whitespace (runs of spaces inside a line, trailing spaces, 3+
+newlines; the indentation at the start of a line is kept so that code stays valid), allowed_chars (a regex
+character class of what to keep). Filters, the first that applies names the removal (`CLEAN_FILTERS`):
+empty, min_chars, max_chars, language (lingua).
+
+unicode_nfkc in Chinese (and Japanese) text: NFKC would turn the full-width punctuation '，！：（）？；'
+into ASCII ',!:()?;', and a fine-tune would learn mixed punctuation. So in a text that holds a Han
+character, the full-width forms of ASCII punctuation (U+FF01-U+FF5E but the digits and letters) are kept as
+they are, as Chinese data pipelines do; full-width letters and digits ('ＡＢＣ１２３' -> 'ABC123') and
+everything else are still NFKC-normalised, and so is the ideographic space U+3000 (it becomes a plain
+space, always: it is whitespace, not punctuation). Text without Han characters gets plain NFKC. The
+comparison keys of deduplication are normalised on their own, so copies that differ only in the width of
+their punctuation are still duplicates.
 
 Why our own code for HTML: an HTML parser (BeautifulSoup, lxml, `html.parser`) reads every `<...>` as
 markup, so `List<String>`, `<class 'int'>` and our own `<EMAIL>` masks would be eaten, and it costs tens of
@@ -17,7 +26,8 @@ URL queries like `?a=1&copy=2` survive (`html.unescape` alone would make that '�
 
 Speed: a record is cleaned in microseconds. Each rule has a pre-check made of `in` tests and `str`
 predicates (`isascii`: NFKC leaves ASCII alone; no '<' or '&': no HTML; `isprintable`: no control
-characters), so the regexes run only on text that needs them.
+characters), so the regexes run only on text that needs them. Chinese text whose only characters out of
+NFKC are the kept punctuation (most of it) costs one regex removal and one `is_normalized` more.
 
 Language detection is lingua's, from all its languages in low-accuracy mode (built once per process, on
 first use; a forked worker builds its own): a process needed about 70 MB for it, where high-accuracy mode
@@ -177,6 +187,37 @@ def _nfkc(text: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFKD", text))
 
 
+# Han ideographs: CJK unified (basic, extension A, extensions B and later) and compatibility ideographs.
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+# Kept in text with Han characters: the full-width forms of ASCII punctuation (U+FF01-U+FF5E but the
+# digits and letters: ，！：（）？；～ ...) and the ellipsis '…' (NFKC: '...'; Chinese writes '……').
+_KEPT_PUNCTUATION_CLASS = "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff5e\u2026"
+_KEPT_PUNCTUATION = re.compile(f"([{_KEPT_PUNCTUATION_CLASS}]+)")
+# Characters that NFKC leaves as they are whatever surrounds them (none decomposes, combines or is
+# combined with): ASCII, Han, kana, CJK and general punctuation, and the kept punctuation. Text made only
+# of these and the kept punctuation needs no normalisation: most Chinese text, found by one search.
+_OUTSIDE_STABLE_HAN_TEXT = re.compile(
+    "[^\x00-\x7f\u00b7\u2010\u2012-\u2016\u2018-\u2023\u2027-\u202e\u2030-\u2032\u2035"
+    f"\u3001-\u3029\u3030-\u3035\u3037\u303b-\u303f\u3041-\u3096\u30a0-\u30fe\u3400-\u4dbf\u4e00-\u9fff{_KEPT_PUNCTUATION_CLASS}]"
+)
+
+
+def _normalize_unicode(text: str) -> str:
+    """NFKC of a text that is not in NFKC, but for the kept punctuation when the text holds Han
+    characters (the text itself when that leaves nothing to change)."""
+    if _HAN.search(text) is None:
+        return _nfkc(text)
+    if _OUTSIDE_STABLE_HAN_TEXT.search(text) is None:
+        return text  # only the kept punctuation is out of NFKC
+    if _KEPT_PUNCTUATION.search(text) is None:
+        return _nfkc(text)
+    pieces = _KEPT_PUNCTUATION.split(text)  # odd pieces are the punctuation: kept as it is
+    return "".join(
+        piece if index % 2 or unicodedata.is_normalized("NFKC", piece) else _nfkc(piece)
+        for index, piece in enumerate(pieces)
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _disallowed_chars(class_body: str) -> re.Pattern[str]:
     return re.compile(f"[^{class_body}]+")
@@ -213,7 +254,9 @@ def _clean(text: str, plan: _Plan) -> tuple[str, int]:
     """The cleaned text and the bit mask of the rules that changed it."""
     changed = 0
     if plan.nfkc and not text.isascii() and not unicodedata.is_normalized("NFKC", text):
-        text, changed = _nfkc(text), _RULE_BIT["unicode_nfkc"]
+        new = _normalize_unicode(text)
+        if new != text:
+            text, changed = new, _RULE_BIT["unicode_nfkc"]
     if plan.html:
         new = _strip_html(text)
         if new != text:

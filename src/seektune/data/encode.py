@@ -40,7 +40,9 @@ def encode_chat(
     """
     if not has_answer(messages):
         return None, "no_answer"
-    messages = with_system_prompt(messages, system_prompt)
+    # Turns after the last answer (a log that ends with the user) teach nothing and must not get an EOS.
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages = with_system_prompt(messages[: last + 1], system_prompt)
     text = _render(tokenizer, messages, add_generation_prompt=False)
     spans = _answer_spans(messages, tokenizer, text)
     if not spans:
@@ -170,7 +172,8 @@ def tokenize_batch(
             rows = [encoded] if encoded is not None else []
         else:
             rows = encode_text(text, tokenizer, max_length)
-            rows, reason = (rows if windows else rows[:1]), ("" if rows else "empty")
+            reason = "truncated" if len(rows) > 1 and not windows else "" if rows else "empty"
+            rows = rows if windows else rows[:1]
         truncated = reason == "truncated"
         if rows and all(len(r["input_ids"]) < min_tokens for r in rows):
             rows, reason = [], "too_short"

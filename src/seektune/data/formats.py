@@ -13,7 +13,12 @@ A row (one JSON object, CSV row, Parquet or Arrow row) becomes `(messages, text,
   top-level scalar column (`domain`, `category`, `id`, ...) that is not a standard field, when it is at
   most `MAX_METADATA_CHARS` long: metadata is what reports, stratified splits, balancing and mixing group
   by, and a long string is content rather than a tag; lists, objects and nulls are left out;
-* `label` becomes the label text.
+* `label` becomes the label text (a null or NaN label is no label: "").
+
+Values that JSON cannot hold (a Parquet struct with a date, decimal or bytes) become text, dates in ISO
+format, so that metadata and labels always serialise. A list of structs that `datasets` decodes column-wise
+(the classic `Sequence({...})` feature: `{'from': [...], 'value': [...]}`) is read as the list of objects
+it stands for (messages, conversations, history, conversational prompt/completion).
 
 `fields` (data.sources[].fields: standard field -> the user's column) renames columns before the shape is
 recognised. An unrecognised shape gives None; a recognised shape whose content cannot be a record (a
@@ -26,6 +31,7 @@ Datasets libraries read rows but leave their meaning to the caller, so this smal
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -132,6 +138,7 @@ def _turns_of(row: dict[str, Any]) -> Messages | None:
 
 
 def _pair_turns(question: Any, answer: Any, question_key: str, answer_key: str) -> Messages:
+    question, answer = _rows_if_columnar(question), _rows_if_columnar(answer)
     if not isinstance(question, list) and not isinstance(answer, list):
         return [_turn("user", question, question_key), _turn("assistant", answer, answer_key)]
     if not (isinstance(question, list) and isinstance(answer, list)):
@@ -191,9 +198,11 @@ def _content(value: Any, where: str) -> str:
 
 
 def _as_list(value: Any, key: str) -> list | None:
-    """A list column, also when it arrives as JSON text (CSV cells); None when it is not a list."""
+    """A list column, also as JSON text (CSV cells) or column-wise structs; None when it is not a list."""
     if isinstance(value, list):
         return value
+    if isinstance(value, dict):
+        return _columns_to_rows(value)
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             parsed = json.loads(value)
@@ -203,7 +212,25 @@ def _as_list(value: Any, key: str) -> list | None:
     return None
 
 
+def _columns_to_rows(columns: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """`{'from': [a, b], 'value': [x, y]}` as `[{'from': a, 'value': x}, ...]`; None when not of that form."""
+    values = list(columns.values())
+    if not values or not all(isinstance(v, list) and len(v) == len(values[0]) for v in values):
+        return None
+    keys = list(columns)
+    return [dict(zip(keys, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+def _rows_if_columnar(value: Any) -> Any:
+    if isinstance(value, dict):
+        rows = _columns_to_rows(value)
+        return value if rows is None else rows
+    return value
+
+
 def _is_empty_list(value: Any) -> bool:
+    if isinstance(value, dict):
+        return _columns_to_rows(value) == []
     return isinstance(value, list) and not value
 
 
@@ -216,9 +243,9 @@ def _metadata(row: dict[str, Any]) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise InvalidRecord(f"'metadata' looks like JSON but is not valid JSON ({exc.msg})") from None
     if isinstance(attached, dict):
-        metadata.update(attached)
+        metadata.update(_json_safe(attached))
     elif attached not in (None, ""):
-        metadata["metadata"] = attached
+        metadata["metadata"] = _json_safe(attached)
     return metadata
 
 
@@ -231,10 +258,32 @@ def _is_tag(value: Any) -> bool:
 
 
 def _label(value: Any) -> str:
-    if value is None:
-        return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if value is None or (isinstance(value, float) and value != value):  # NaN: a null from pandas/pyarrow
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(_json_safe(value), ensure_ascii=False, sort_keys=True)
+    return _as_text(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """The value with everything JSON cannot hold as text (NaN as null), so `json.dumps` always works."""
+    if isinstance(value, str | bool | int | None):
+        return value
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return _as_text(value)
+
+
+def _as_text(value: Any) -> str:
+    """A scalar as text: dates and times in ISO format, bytes as UTF-8 (undecodable bytes escaped)."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="backslashreplace")
     return str(value)

@@ -5,7 +5,9 @@ A source is a file (.jsonl .json .csv .parquet .txt .md), a folder of such files
 built-in task (`builtin:stdlib-docs-qa`). Its rows stream through a generator into an Arrow file under
 `cache_dir`, written batch by batch and memory-mapped as a `datasets.Dataset`, so a source larger than
 memory never has to fit in it; only a .json document (one JSON value) and a text file read with
-text_unit 'file' are read whole.
+text_unit 'file' are read whole. `max_samples` limits each split a source brings (train, validation and test
+of a saved DatasetDict or the built-in task) separately, so that a limit never empties the held-out splits;
+records without a split of their own count together.
 
 Why our own code: `datasets.load_dataset('json' | 'csv' | 'text')` reads these formats but cannot say on
 which line a record is malformed, cannot skip and count bad records (data.on_error) and infers a schema
@@ -102,7 +104,7 @@ class _Plan:
     where: str
     single_file: bool
     parts: tuple[_Part, ...]
-    max_samples: int | None
+    max_samples: int | None  # per split that the records are given
     stamps: tuple[tuple[Any, ...], ...]  # what the cache key sees of the files read
 
 
@@ -151,8 +153,10 @@ def _write_records(plan: _Plan, on_error: str, records_file: Path, skips_file: P
 
 
 def _generate_records(plan: _Plan, on_error: str, reasons: Counter) -> Iterator[dict[str, Any]]:
-    count = 0
+    kept: Counter = Counter()  # records per split: max_samples applies to each split on its own
     for part in plan.parts:
+        if kept[part.split] == plan.max_samples:
+            continue
         for position, row, problem in part.read():
             record = None
             if problem is None:
@@ -164,10 +168,10 @@ def _generate_records(plan: _Plan, on_error: str, reasons: Counter) -> Iterator[
                 reasons[reason] += 1
                 continue
             yield record
-            count += 1
-            if count == plan.max_samples:
-                return
-    if not count:
+            kept[part.split] += 1
+            if kept[part.split] == plan.max_samples:
+                break
+    if sum(kept.values()) == 0:
         raise _no_records(plan, reasons)
 
 
@@ -343,7 +347,13 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def _saved_parts(folder: Path, source: SourceConfig, origin_name: str) -> list[_Part]:
-    saved = load_from_disk(str(folder))
+    try:
+        saved = load_from_disk(str(folder))
+    except (pa.ArrowException, OSError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"data source {folder}: the dataset saved there with datasets.save_to_disk cannot be read "
+            f"({_one_line(exc)}): it is damaged or incomplete; save it again, or fix data.sources[].path"
+        ) from None
     splits = saved if isinstance(saved, DatasetDict) else {"": saved}
     parts = []
     for split_name, dataset in splits.items():
@@ -455,7 +465,6 @@ def _read_csv(path: Path) -> Iterator[Row]:
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -466,8 +475,20 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         ) from None
     number = 0
     with parquet:
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
-            for row in batch.to_pylist():
+        batches = parquet.iter_batches(batch_size=_BATCH_ROWS)
+        while True:
+            try:  # a damaged row group fails only when it is reached
+                batch = next(batches, None)
+                rows = [] if batch is None else batch.to_pylist()
+            except (pa.ArrowException, OSError) as exc:
+                raise UserError(
+                    f"{path}: the Parquet file is damaged after record {number} and cannot be read "
+                    f"further ({_one_line(exc)}): replace it with an intact copy (export or download it "
+                    "again), or fix data.sources[].path"
+                ) from None
+            if batch is None:
+                return
+            for row in rows:
                 number += 1
                 yield number, row, None
 
@@ -582,6 +603,10 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(value, sort_keys=True))
     os.replace(temporary, path)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _keys(row: dict[str, Any] | list[str]) -> str:

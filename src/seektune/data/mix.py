@@ -83,17 +83,15 @@ def _select_shuffled(dataset: Dataset, parts: list[np.ndarray], rng: np.random.G
 # Class balancing
 
 
-def _field_values(dataset: Dataset, field: str) -> pa.Array:
-    """`records.field_value` of every row, read column-wise."""
+def field_values(dataset: Dataset, field: str, config_key: str = "data.balance.field") -> pa.Array:
+    """`records.field_value` of every row, read column-wise; an unknown field names `config_key`."""
     if field.startswith("metadata."):
         key = field.split(".", 1)[1]
         values = (json.loads(text or "{}").get(key) for text in _column(dataset, "metadata").to_pylist())
         return pa.array(["" if value is None else str(value) for value in values], type=pa.string())
     if field in _RECORD_COLUMNS:
         return _column(dataset, field)
-    raise UserError(
-        f"data.balance.field {field!r} is not a record field: use label, source or metadata.<key>"
-    )
+    raise UserError(f"{config_key} {field!r} is not a record field: use label, source or metadata.<key>")
 
 
 def balance(dataset: Dataset, field: str, strategy: str, seed: int) -> tuple[Dataset, dict]:
@@ -105,7 +103,7 @@ def balance(dataset: Dataset, field: str, strategy: str, seed: int) -> tuple[Dat
     """
     if strategy not in ("oversample", "undersample"):
         raise ValueError(f"unknown balancing strategy {strategy!r}")
-    groups = _indices_by_value(_field_values(dataset, field))
+    groups = _indices_by_value(field_values(dataset, field))
     unlabelled = groups.pop("", np.zeros(0, dtype=np.int64))
     if not groups:
         raise UserError(

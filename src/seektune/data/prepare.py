@@ -13,12 +13,13 @@ removed once the splits are saved.
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ from seektune.data.encode import (  # noqa: F401  (re-exported: the stage's publ
     tokenize_batch,
     with_system_prompt,
 )
-from seektune.data.records import RECORD_FEATURES, column_values, field_value, record_text
+from seektune.data.records import RECORD_FEATURES, batch_rows, column_values, record_text
 from seektune.errors import UserError
 from seektune.logs import log_event
-from seektune.rundir import atomic_write_json, atomic_write_jsonl, fingerprint_records
+from seektune.rundir import atomic_write_json, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> P
         records["train"] = _train_only_steps(cfg, records["train"], seed, steps, report)
         records = {split: _with_system_prompt(rows, cfg.system_prompt) for split, rows in records.items()}
         records, tokenized = _tokenize(cfg, records, tokenizer, steps)
+        lengths = {split: column_values(tokenized[split], "length") for split in SPLITS}  # per example
         if cfg.packing:
             tokenized = _pack(cfg, tokenized, report)
-        prepared = _save(records, tokenized, out_dir)
+        prepared, report["fingerprint"] = _save(records, tokenized, out_dir)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    _finish_report(cfg, prepared, seed, report)
+    _finish_report(cfg, prepared, lengths, seed, report)
     from seektune.data.report import write_data_report
 
     atomic_write_json(out_dir / "report.json", report)
@@ -226,22 +228,29 @@ def _dedup(cfg: DataConfig, dataset: Dataset, seed: int, steps: _Steps, report: 
 def _split(cfg: DataConfig, dataset: Dataset, seed: int, steps: _Steps) -> dict[str, Dataset]:
     """Assign a split to every record without one (per source, stratified when asked), then divide."""
     assigned = column_values(dataset, "split")
-    groups: dict[tuple[str, str], list[int]] = {}
     sources = column_values(dataset, "source")
-    strata = _field_column(dataset, cfg.stratify_by) if cfg.stratify_by else None
+    strata = _strata(dataset, cfg.stratify_by) if cfg.stratify_by else None
+    by_source: dict[str, dict[str, list[int]]] = {}
     for index, split in enumerate(assigned):
         if not split:
-            key = (sources[index], strata[index] if strata is not None else "")
-            groups.setdefault(key, []).append(index)
+            stratum = strata[index] if strata is not None else ""
+            by_source.setdefault(sources[index], {}).setdefault(stratum, []).append(index)
     rng = np.random.default_rng(seed)
-    for key in sorted(groups):
-        indices = groups[key]
-        order = [indices[i] for i in rng.permutation(len(indices))]
-        n_test, n_val = split_sizes(len(order), cfg.validation_ratio, cfg.test_ratio)
-        for position, index in enumerate(order):
-            assigned[index] = (
-                "test" if position < n_test else "validation" if position < n_test + n_val else "train"
-            )
+    for source in sorted(by_source):
+        groups = by_source[source]
+        n_test, n_val = split_sizes(
+            sum(len(g) for g in groups.values()), cfg.validation_ratio, cfg.test_ratio
+        )
+        test_parts = _spread(n_test, {k: len(v) for k, v in groups.items()})
+        val_parts = _spread(n_val, {k: len(v) - test_parts[k] for k, v in groups.items()})
+        for stratum in sorted(groups):
+            indices = groups[stratum]
+            order = [indices[i] for i in rng.permutation(len(indices))]
+            n_t, n_v = test_parts[stratum], val_parts[stratum]
+            for position, index in enumerate(order):
+                assigned[index] = (
+                    "test" if position < n_t else "validation" if position < n_t + n_v else "train"
+                )
     by_split: dict[str, list[int]] = {split: [] for split in SPLITS}
     for index, split in enumerate(assigned):
         by_split.setdefault(split, []).append(index)
@@ -261,7 +270,7 @@ def _split(cfg: DataConfig, dataset: Dataset, seed: int, steps: _Steps) -> dict[
 
 
 def split_sizes(n: int, validation_ratio: float, test_ratio: float) -> tuple[int, int]:
-    """(test, validation) sizes of a group of `n` records.
+    """(test, validation) sizes of a source of `n` records.
 
     A split with a ratio above zero keeps at least one record, as long as two remain for training.
     """
@@ -270,13 +279,23 @@ def split_sizes(n: int, validation_ratio: float, test_ratio: float) -> tuple[int
     return n_test, n_val
 
 
-def _field_column(dataset: Dataset, name: str) -> list[str]:
-    try:
-        columns = ["label", "source", "metadata", "split", "augmented", "origin"]
-        values = [field_value(row, name) for row in dataset.select_columns(columns)]
-    except ValueError as exc:
-        raise UserError(f"data.stratify_by: {exc}") from None
-    return values
+def _spread(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """`total` divided across groups in proportion to `sizes` (largest remainder, ties by name)."""
+    available = sum(sizes.values())
+    if not available:
+        return dict.fromkeys(sizes, 0)
+    exact = {k: total * n / available for k, n in sizes.items()}
+    parts = {k: min(int(v), sizes[k]) for k, v in exact.items()}
+    by_remainder = sorted(sizes, key=lambda k: (-(exact[k] - parts[k]), k))
+    for key in by_remainder[: total - sum(parts.values())]:
+        parts[key] += 1
+    return parts
+
+
+def _strata(dataset: Dataset, name: str) -> list[str]:
+    from seektune.data.mix import field_values
+
+    return field_values(dataset, name, "data.stratify_by").to_pylist()
 
 
 def _train_only_steps(
@@ -316,7 +335,7 @@ def _ratios(cfg: DataConfig, loaded: list[dict[str, Any]]) -> dict[str, float]:
     return {
         info["name"]: float(source.ratio)
         for info, source in zip(loaded, cfg.sources, strict=True)
-        if source.ratio is not None
+        if source.ratio is not None and source.split in ("auto", "train")
     }
 
 
@@ -405,11 +424,15 @@ def _pack(cfg: DataConfig, tokenized: dict[str, Dataset], report: dict[str, Any]
     return tokenized
 
 
-def _save(records: dict[str, Dataset], tokenized: dict[str, Dataset], out_dir: Path) -> PreparedData:
-    """Write the splits (JSONL to read, Arrow to reuse) and reopen them from the run directory."""
+def _save(
+    records: dict[str, Dataset], tokenized: dict[str, Dataset], out_dir: Path
+) -> tuple[PreparedData, str]:
+    """Write the splits (JSONL to read, Arrow to reuse), reopen them from the run directory, and return
+    them with the fingerprint of the records (sha256 over every split's readable records, in order)."""
     saved_records, saved_tokens = {}, {}
+    digest = hashlib.sha256()
     for split in SPLITS:
-        atomic_write_jsonl(out_dir / f"{split}.jsonl", (readable_record(r) for r in records[split]))
+        atomic_write_jsonl(out_dir / f"{split}.jsonl", _readable_rows(records[split], split, digest))
         for kind, data, saved in (
             ("records", records, saved_records),
             ("tokenized", tokenized, saved_tokens),
@@ -423,7 +446,19 @@ def _save(records: dict[str, Dataset], tokenized: dict[str, Dataset], out_dir: P
             os.replace(partial, target)
             # datasets cannot reopen an empty saved dataset (no Arrow file): keep the in-memory one
             saved[split] = load_from_disk(str(target)) if len(dataset) else dataset
-    return PreparedData(records=saved_records, tokenized=saved_tokens)
+    return PreparedData(records=saved_records, tokenized=saved_tokens), digest.hexdigest()
+
+
+def _readable_rows(records: Dataset, split: str, digest: Any) -> Iterator[dict[str, Any]]:
+    """The split's records as `readable_record`s, read in Arrow batches, each also fed to `digest`."""
+    for batch in records.iter(batch_size=1000):
+        for record in batch_rows(batch):
+            row = readable_record(record)
+            line = json.dumps(
+                {"split": split, **row}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            )
+            digest.update(line.encode("utf-8") + b"\n")
+            yield row
 
 
 def _materialised(dataset: Dataset) -> Dataset:
@@ -447,17 +482,19 @@ def readable_record(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _finish_report(cfg: DataConfig, prepared: PreparedData, seed: int, report: dict[str, Any]) -> None:
+def _finish_report(
+    cfg: DataConfig,
+    prepared: PreparedData,
+    lengths: dict[str, list[int]],
+    seed: int,
+    report: dict[str, Any],
+) -> None:
     from seektune.data.report import describe_splits, distribution_shift
 
     records, tokenized = prepared.records, prepared.tokenized
     report["splits"] = {split: len(records[split]) for split in SPLITS}
     report["train_rows"] = len(tokenized["train"])
-    report["train_tokens"] = int(sum(column_values(tokenized["train"], "length")))
-    report["fingerprint"] = fingerprint_records(
-        {"split": split, **readable_record(r)} for split in SPLITS for r in records[split]
-    )
-    lengths = {split: list(_example_lengths(tokenized[split])) for split in SPLITS}
+    report["train_tokens"] = int(sum(lengths["train"]))
     label_field = cfg.balance.field or cfg.stratify_by
     report["splits_detail"] = describe_splits(records, lengths, label_field, seed)
     held_out = records["test"] if len(records["test"]) else records["validation"]
@@ -466,16 +503,6 @@ def _finish_report(cfg: DataConfig, prepared: PreparedData, seed: int, report: d
         [record_text(r) for r in _sample(held_out, 2000, seed)],
         seed,
     )
-
-
-def _example_lengths(tokenized: Dataset) -> list[int]:
-    if "position_ids" not in tokenized.column_names:
-        return column_values(tokenized, "length")
-    lengths = []  # packed rows: one length per example (position ids restart at 0)
-    for positions in column_values(tokenized, "position_ids"):
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        lengths.extend(b - a for a, b in itertools.pairwise(starts))
-    return lengths
 
 
 def _sample(dataset: Dataset, limit: int, seed: int) -> Dataset:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import calendar
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -461,41 +462,93 @@ def mask_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, dict[str
     return _mask(text, _ordered_kinds(kinds))
 
 
+# The columns whose text is masked, in the order privacy_batch unpacks them.
+_MASKED_COLUMNS = ("messages", "text", "label", "metadata")
+
+
 def _add_reason(existing: str, reason: str) -> str:
     return f"{existing},{reason}" if existing else reason
 
 
-def _mask_record(messages: list | None, text: str | None, kinds: tuple[str, ...]) -> tuple[list, str, dict]:
-    """The record's messages and text masked, and the finds per kind of the whole record."""
-    messages, text = messages or [], text or ""
+def _add_counts(counts: dict[str, int], found: dict[str, int]) -> None:
+    for kind, n in found.items():
+        counts[kind] = counts.get(kind, 0) + n
+
+
+def _mask_record(
+    messages: list | None, text: str | None, label: str | None, kinds: tuple[str, ...]
+) -> tuple[list, str, str, dict]:
+    """The record's messages, text and label masked, and the finds per kind in them."""
+    messages, text, label = messages or [], text or "", label or ""
     # One screening of the whole record first: the pre-checks cost per call, and most records hold no
     # PII. Finds never cross the newlines, so no find in the joined text means none in any part.
     parts = [message["content"] or "" for message in messages]
-    if not _find_spans("\n".join([*parts, text]) if parts else text, kinds):
-        return messages, text, {}
+    if not _find_spans("\n".join([*parts, text, label]) if parts or label else text, kinds):
+        return messages, text, label, {}
     counts: dict[str, int] = {}
     masked_messages = list(messages)
     for index, content in enumerate(parts):
         masked, found = _mask(content, kinds)
         if found:
             masked_messages[index] = {**messages[index], "content": masked}
-            for kind, n in found.items():
-                counts[kind] = counts.get(kind, 0) + n
+            _add_counts(counts, found)
     text, found = _mask(text, kinds)
-    for kind, n in found.items():
-        counts[kind] = counts.get(kind, 0) + n
-    return masked_messages, text, counts
+    _add_counts(counts, found)
+    label, found = _mask(label, kinds)
+    _add_counts(counts, found)
+    return masked_messages, text, label, counts
+
+
+def _mask_value(value: object, key: str, kinds: tuple[str, ...], counts: dict[str, int]) -> object:
+    """A metadata value (under `key`) with its text masked, walking nested objects and lists.
+
+    A whole string of 8+ characters under a secret key name ("api_key", "password", ...) is a secret, as
+    in `key = value` text. An integer with a find (a phone number) becomes the masked text."""
+    if isinstance(value, dict):
+        return {name: _mask_value(item, name, kinds, counts) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_value(item, key, kinds, counts) for item in value]
+    if isinstance(value, str):
+        if "secret" in kinds and len(value) >= 8 and value not in _MASKS and _is_secret_key(key):
+            _add_counts(counts, {"secret": 1})
+            return PII_MASKS["secret"]
+        text = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        return value
+    masked, found = _mask(text, kinds)
+    if not found:
+        return value
+    _add_counts(counts, found)
+    return masked
+
+
+def _mask_metadata(metadata: str | None, kinds: tuple[str, ...]) -> tuple[str, dict[str, int]]:
+    """The metadata JSON with its string values masked (re-serialised only when masked), and the finds."""
+    if not metadata or metadata == "{}":
+        return metadata or "", {}
+    try:
+        parsed = json.loads(metadata)
+    except ValueError:
+        return _mask(metadata, kinds)  # not JSON: masked as text, so that nothing leaks
+    counts: dict[str, int] = {}
+    masked = _mask_value(parsed, "", kinds, counts)
+    if not counts:
+        return metadata, {}
+    return json.dumps(masked, ensure_ascii=False, sort_keys=True), counts
 
 
 def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]:
-    """Mask personal and secret data in every message and `text` of a column batch.
+    """Mask personal and secret data in every message, `text`, `label` and `metadata` value of a batch.
 
     Adds the column `pii` ("email:1,phone:2" per record, "" when none) and extends `removed_by` (with
     action 'drop', a record with any find gets "privacy" unless it already has a reason) and `changed_by`
     ("privacy" appended when masked), creating them when the batch lacks them. With action 'drop' the
     records are masked too, so that nothing leaks wherever they are shown. Records that an earlier step
     already removed (the cleaner's `removed_by`) are left as they are: they are dropped anyway, and the
-    report's PII counts are about the data that is kept.
+    report's PII counts are about the data that is kept. `metadata` (a JSON object as text) is parsed only
+    when it is not "{}", and written again (sorted keys) only when something in it was masked.
     """
     n_rows = len(next(iter(batch.values()), []))
     removed_by = list(batch.get("removed_by") or [""] * n_rows)
@@ -504,22 +557,23 @@ def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]
     out = dict(batch)
     if cfg.enabled and cfg.detectors:
         kinds = _ordered_kinds(cfg.detectors)
-        all_messages = list(batch.get("messages") or [None] * n_rows)
-        texts = list(batch.get("text") or [""] * n_rows)
+        columns = {name: list(batch.get(name) or [None] * n_rows) for name in _MASKED_COLUMNS}
+        all_messages, texts, labels, metadata = (columns[name] for name in _MASKED_COLUMNS)
         for row in range(n_rows):
             if removed_by[row]:
                 continue
-            messages, text, counts = _mask_record(all_messages[row], texts[row], kinds)
+            messages, text, label, counts = _mask_record(all_messages[row], texts[row], labels[row], kinds)
+            masked_metadata, found = _mask_metadata(metadata[row], kinds)
+            if found:
+                metadata[row] = masked_metadata
+                _add_counts(counts, found)
             if not counts:
                 continue
-            all_messages[row], texts[row] = messages, text
+            all_messages[row], texts[row], labels[row] = messages, text, label
             pii[row] = ",".join(f"{kind}:{counts[kind]}" for kind in PII_KINDS if kind in counts)
             changed_by[row] = _add_reason(changed_by[row], "privacy")
             if cfg.action == "drop":
                 removed_by[row] = "privacy"
-        if "messages" in batch:
-            out["messages"] = all_messages
-        if "text" in batch:
-            out["text"] = texts
+        out.update({name: values for name, values in columns.items() if name in batch})
     out.update(removed_by=removed_by, changed_by=changed_by, pii=pii)
     return out

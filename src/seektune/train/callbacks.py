@@ -140,6 +140,8 @@ class DomainReweightCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         losses = domain_losses(model, self.eval_dataset, self.collator, args.eval_batch_size)
+        # A source with validation data but no training rows (e.g. `split: validation`) has nothing to draw.
+        losses = {name: loss for name, loss in losses.items() if name in self.domain_weights.shares}
         shares = self.domain_weights.update(losses)
         entry = {"step": state.global_step, "losses": _rounded(losses), "shares": _rounded(shares)}
         self.history.append(entry)
