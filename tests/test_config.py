@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seektune.config import SeektuneConfig, config_schema, config_to_yaml, load_config
+from seektune.config import SeektuneConfig, config_schema, config_to_yaml, load_config, validate_config
 from seektune.errors import UserError
 
 
@@ -106,3 +106,22 @@ def test_empty_section_means_defaults_and_home_is_expanded(tmp_path):
 def test_a_folder_is_not_a_config(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ([{"path": "a", "ratio": 0.7}, {"path": "b", "ratio": 0.2}], "add up to 0.9"),
+        ([{"path": "a", "ratio": 7}, {"path": "b"}], "missing on b"),
+        ([{"path": "a", "ratio": 1}, {"path": "t", "split": "test", "ratio": 1}], "remove its ratio"),
+    ],
+)
+def test_mixing_ratios_must_make_sense(sources, message):
+    with pytest.raises(UserError, match=message):
+        validate_config({"data": {"sources": sources, "mix": {"strategy": "ratio"}}})
+
+
+def test_whole_number_weights_and_shares_are_both_accepted():
+    for ratios in ((7, 2, 1), (1, 1, 1), (0.5, 0.3, 0.2)):
+        sources = [{"path": f"s{i}", "ratio": r} for i, r in enumerate(ratios)]
+        validate_config({"data": {"sources": sources, "mix": {"strategy": "ratio"}}})

@@ -359,7 +359,8 @@ class DataConfig(Section):
             )
         ratios = [s.ratio for s in mixed if s.ratio is not None]
         total = sum(ratios)
-        if all(r <= 1 for r in ratios) and abs(total - 1) > 1e-6:
+        shares = all(r <= 1 for r in ratios) and any(r != int(r) for r in ratios)  # 0.7, 0.2 ...
+        if shares and abs(total - 1) > 1e-6:
             raise ValueError(
                 f"the sources' ratios add up to {total:g}: shares must add up to 1 "
                 "(or give whole-number weights such as 7, 2, 1)"

@@ -162,3 +162,33 @@ def test_example_config_runs_every_step_and_leaves_sources_untouched(tmp_path, t
     assert (tmp_path / "out" / "report.md").read_text(encoding="utf-8").startswith("# Data report")
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in EXAMPLES.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_stratified_split_sizes_follow_the_source_not_each_stratum(tmp_path, tokenizer):
+    rows = [{**r, "label": f"class{i % 10}"} for i, r in enumerate(_qa(100))]
+    path = _write_jsonl(tmp_path / "many.jsonl", rows)
+    cfg = DataConfig(
+        sources=[{"path": str(path)}], test_ratio=0.05, validation_ratio=0.05, stratify_by="label"
+    )
+    prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+    assert prepared.report["splits"] == {"train": 90, "validation": 5, "test": 5}
+    assert len({r["label"] for r in prepared.records["test"]}) == 5  # five different classes, one each
+
+
+def test_a_test_only_source_takes_no_part_in_the_mix(tmp_path, tokenizer):
+    a = _write_jsonl(tmp_path / "a.jsonl", _qa(40))
+    b = _write_jsonl(tmp_path / "b.jsonl", _qa(20, offset=200))
+    held = _write_jsonl(tmp_path / "held.jsonl", _qa(5, offset=400))
+    cfg = DataConfig(
+        sources=[
+            {"path": str(a), "ratio": 1},
+            {"path": str(b), "ratio": 1},
+            {"path": str(held), "split": "test"},
+        ],
+        mix={"strategy": "ratio"},
+        validation_ratio=0,
+        test_ratio=0,
+    )
+    prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
+    assert prepared.report["mix"]["after"] == {"a": 20, "b": 20}
+    assert prepared.report["splits"]["test"] == 5
