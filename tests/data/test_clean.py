@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import random
+import re
+import unicodedata
 from collections import Counter
 
 import pytest
@@ -10,7 +13,14 @@ import yaml
 from datasets import Dataset
 
 from seektune.config import CleanConfig, PrivacyConfig
-from seektune.data.clean import CLEAN_FILTERS, CLEAN_RULES, clean_batch, clean_text
+from seektune.data.clean import (
+    _KEPT_PUNCTUATION,
+    _UNSTABLE_IN_HAN_TEXT,
+    CLEAN_FILTERS,
+    CLEAN_RULES,
+    clean_batch,
+    clean_text,
+)
 from seektune.data.privacy import privacy_batch
 from seektune.data.records import COLUMNS, RECORD_FEATURES, make_record, record_text, rows_batch
 from seektune.errors import UserError
@@ -38,6 +48,77 @@ def test_unicode_nfkc() -> None:
     assert clean_text(text, CleanConfig(**ALL_OFF)) == (text, [])
     assert clean_text("中文。“引号”", only("unicode_nfkc")) == ("中文。“引号”", [])  # already NFKC
     assert clean_text("안녕하세요 café", only("unicode_nfkc")) == ("안녕하세요 café", [])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("你好，世界！请问：（测试）？", "你好，世界！请问：（测试）？"),  # Chinese punctuation stays
+        ("等等……好吧～", "等等……好吧～"),
+        ("型号ＡＢＣ１２３，价格（１００元）！", "型号ABC123，价格（100元）！"),  # letters, digits: ASCII
+        ("第一章　开始，ｆｉ①", "第一章 开始，fi1"),  # the ideographic space becomes a space
+        ("汉字ｶﾀｶﾅ，", "汉字カタカナ，"),  # half-width katakana
+        ("咖啡 cafe\u0301，好", "咖啡 café，好"),  # a combining mark composes with the letter before it
+        ("越南 e\u0302\u0323！", "越南 \u1ec7！"),  # marks of a run are reordered together
+        ("（\u0301）中", "（\u0301）中"),  # a mark never composes with kept punctuation
+    ],
+)
+def test_unicode_nfkc_keeps_fullwidth_punctuation_in_han_text(text: str, expected: str) -> None:
+    changed = ["unicode_nfkc"] if expected != text else []
+    assert clean_text(text, only("unicode_nfkc")) == (expected, changed)
+
+
+def test_unicode_nfkc_without_han_is_plain_nfkc() -> None:
+    assert clean_text("Ｗａｉｔ… ｗｈａｔ？（ｏｋ）", only("unicode_nfkc")) == (
+        "Wait... what?(ok)",
+        ["unicode_nfkc"],
+    )
+    assert clean_text("にほんご，カナ！", only("unicode_nfkc")) == (
+        "にほんご,カナ!",
+        ["unicode_nfkc"],
+    )  # kana only
+
+
+def test_unicode_nfkc_in_han_text_equals_nfkc_between_the_kept_punctuation() -> None:
+    """Property: whatever the mix, the result is NFKC of the pieces between kept punctuation; checked on
+    random strings of characters that decompose, compose, reorder, and of the kept punctuation."""
+    kept = "，！：（）？；～＂＇％＃＠＿…"
+    others = "中文字ＡＢｚ１９ｶﾞ①½ﬁ\u3000\xa0 ae\u0301\u0302\u0323\u0308ᄀ\u1161\u11a8가。“”—·か\u3099\uf900ﾟ"
+    alphabet = kept + others
+    rng = random.Random(7)
+    pieces_pattern = re.compile(f"([{re.escape(kept)}]+)")
+    for _ in range(3000):
+        text = "中" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        pieces = pieces_pattern.split(text)
+        reference = "".join(p if i % 2 else unicodedata.normalize("NFKC", p) for i, p in enumerate(pieces))
+        assert clean_text(text, only("unicode_nfkc"))[0] == reference, ascii(text)
+
+
+def test_characters_outside_the_unstable_class_are_left_alone_by_nfkc() -> None:
+    """Every BMP character that the fast path of Han text lets through unchanged is one that NFKC keeps
+    whatever its neighbours: it does not change alone, is no combining mark, no conjoining jamo, and
+    composes with nothing before it."""
+    composed_seconds = set()
+    for code in range(0x110000):
+        decomposition = unicodedata.decomposition(chr(code)).split()
+        if len(decomposition) == 2 and not decomposition[0].startswith("<"):
+            composed_seconds.add(chr(int(decomposition[1], 16)))
+    kept = set("！＂＃＄％＆＇（）＊＋，－．／：；＜＝＞？＠［＼］＾＿｀｛｜｝～…")
+    assert kept == _KEPT_PUNCTUATION
+    passed = [chr(code) for code in range(0x10000) if _UNSTABLE_IN_HAN_TEXT.match(chr(code)) is None]
+    assert len(passed) > 27_500 and kept <= set(passed)  # Han alone: 27,584
+    bad = [
+        f"U+{ord(char):04X}"
+        for char in passed
+        if char not in kept
+        and (
+            unicodedata.normalize("NFKC", char) != char
+            or unicodedata.combining(char)
+            or char in composed_seconds
+            or "\u1100" <= char <= "\u11ff"
+        )
+    ]
+    assert bad == []
 
 
 @pytest.mark.parametrize(

@@ -380,3 +380,72 @@ def test_privacy_batch_disabled_or_limited() -> None:
     out = privacy_batch(_batch(), PrivacyConfig(detectors=["ip"]))
     assert out["pii"] == ["", "", "ip:1", ""]
     assert out["messages"][0][0]["content"] == "my mail is a@b.com and phone 13812345678"
+
+
+def _metadata_batch(metadata: list[str], labels: list[str] | None = None) -> dict[str, list]:
+    rows = [make_record(text="nothing here") for _ in metadata]
+    batch = rows_batch(rows, COLUMNS)
+    batch["metadata"] = list(metadata)
+    batch["label"] = list(labels or [""] * len(metadata))
+    return batch
+
+
+def test_privacy_batch_masks_metadata_values_and_label() -> None:
+    batch = _metadata_batch(
+        ['{"customer_email": "alice@example.com", "phone": "13812345678"}', "{}"],
+        ["", "bob@example.org"],
+    )
+    out = privacy_batch(batch, PrivacyConfig())
+    assert out["metadata"] == ['{"customer_email": "<EMAIL>", "phone": "<PHONE>"}', "{}"]
+    assert out["label"] == ["", "<EMAIL>"]
+    assert out["pii"] == ["email:1,phone:1", "email:1"]
+    assert out["changed_by"] == ["privacy", "privacy"]
+    assert out["text"] == ["nothing here", "nothing here"]
+
+
+def test_privacy_batch_masks_nested_integer_and_secret_metadata() -> None:
+    metadata = (
+        '{"contact": {"tel": 13812345678, "name": "Li"}, "api_key": "abcd1234efgh5678", '
+        '"tags": ["a@b.com", "vip"], "score": 0.5, "ok": true, "n": 7, "password_hint": "my dog\'s name"}'
+    )
+    out = privacy_batch(_metadata_batch([metadata]), PrivacyConfig())
+    assert out["metadata"] == [
+        '{"api_key": "<SECRET>", "contact": {"name": "Li", "tel": "<PHONE>"}, "n": 7, "ok": true, '
+        '"password_hint": "my dog\'s name", "score": 0.5, "tags": ["<EMAIL>", "vip"]}'
+    ]
+    assert out["pii"] == ["email:1,phone:1,secret:1"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        # Escapes: in the JSON text the number follows 'n' (of '\n') and the '@' is '\u0040'.
+        ('{"note": "call\\n13812345678"}', '{"note": "call\\n<PHONE>"}'),
+        ('{"email": "alice\\u0040example.com"}', '{"email": "<EMAIL>"}'),
+        ('{"user": "\\u5f20\\u4e09", "mail": "zs@example.cn"}', '{"mail": "<EMAIL>", "user": "张三"}'),
+        ("not json: alice@example.com", "not json: <EMAIL>"),  # masked as text, nothing leaks
+    ],
+)
+def test_privacy_batch_metadata_with_escapes_or_not_json(metadata: str, expected: str) -> None:
+    out = privacy_batch(_metadata_batch([metadata]), PrivacyConfig())
+    assert out["metadata"] == [expected]
+    assert out["pii"][0] in ("phone:1", "email:1")
+
+
+def test_privacy_batch_metadata_without_pii_is_left_as_written() -> None:
+    metadata = ['{"z": 1, "a": "https://example.com/a?b=1", "id": "20240101123456"}', "", "{}"]
+    out = privacy_batch(_metadata_batch(metadata, ["positive", "", "负面"]), PrivacyConfig())
+    assert out["metadata"] == metadata  # not re-serialised (the keys stay unsorted)
+    assert out["label"] == ["positive", "", "负面"]
+    assert out["pii"] == ["", "", ""] and out["changed_by"] == ["", "", ""]
+
+
+def test_privacy_batch_drop_on_a_find_in_metadata_or_label() -> None:
+    batch = _metadata_batch(['{"ip": "10.1.2.3"}', "{}", '{"ip": "10.1.2.3"}'], ["", "13812345678", ""])
+    batch["removed_by"] = ["", "", "max_chars"]
+    out = privacy_batch(batch, PrivacyConfig(action="drop"))
+    assert out["removed_by"] == ["privacy", "privacy", "max_chars"]
+    assert out["metadata"] == ['{"ip": "<IP>"}', "{}", '{"ip": "10.1.2.3"}']  # removed earlier: untouched
+    assert out["label"] == ["", "<PHONE>", ""]
+    out = privacy_batch(batch, PrivacyConfig(detectors=["email"]))
+    assert out["pii"] == ["", "", ""] and out["metadata"] == batch["metadata"]

@@ -26,8 +26,9 @@ URL queries like `?a=1&copy=2` survive (`html.unescape` alone would make that '�
 
 Speed: a record is cleaned in microseconds. Each rule has a pre-check made of `in` tests and `str`
 predicates (`isascii`: NFKC leaves ASCII alone; no '<' or '&': no HTML; `isprintable`: no control
-characters), so the regexes run only on text that needs them. Chinese text whose only characters out of
-NFKC are the kept punctuation (most of it) costs one regex removal and one `is_normalized` more.
+characters), so the regexes run only on text that needs them. Chinese text out of NFKC costs one search
+for a character outside the ranges that NFKC leaves alone (most of it has none: it is kept as it is);
+only the runs of such characters are normalised.
 
 Language detection is lingua's, from all its languages in low-accuracy mode (built once per process, on
 first use; a forked worker builds its own): a process needed about 70 MB for it, where high-accuracy mode
@@ -191,15 +192,27 @@ def _nfkc(text: str) -> str:
 _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 # Kept in text with Han characters: the full-width forms of ASCII punctuation (U+FF01-U+FF5E but the
 # digits and letters: ，！：（）？；～ ...) and the ellipsis '…' (NFKC: '...'; Chinese writes '……').
-_KEPT_PUNCTUATION_CLASS = "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff5e\u2026"
-_KEPT_PUNCTUATION = re.compile(f"([{_KEPT_PUNCTUATION_CLASS}]+)")
-# Characters that NFKC leaves as they are whatever surrounds them (none decomposes, combines or is
-# combined with): ASCII, Han, kana, CJK and general punctuation, and the kept punctuation. Text made only
-# of these and the kept punctuation needs no normalisation: most Chinese text, found by one search.
-_OUTSIDE_STABLE_HAN_TEXT = re.compile(
-    "[^\x00-\x7f\u00b7\u2010\u2012-\u2016\u2018-\u2023\u2027-\u202e\u2030-\u2032\u2035"
-    f"\u3001-\u3029\u3030-\u3035\u3037\u303b-\u303f\u3041-\u3096\u30a0-\u30fe\u3400-\u4dbf\u4e00-\u9fff{_KEPT_PUNCTUATION_CLASS}]"
+_KEPT_PUNCTUATION_RANGES = (
+    (0xFF01, 0xFF0F),
+    (0xFF1A, 0xFF20),
+    (0xFF3B, 0xFF40),
+    (0xFF5B, 0xFF5E),
+    (0x2026, 0x2026),
 )
+_KEPT_PUNCTUATION = frozenset(
+    chr(code) for low, high in _KEPT_PUNCTUATION_RANGES for code in range(low, high + 1)
+)
+_KEPT_PUNCTUATION_CLASS = "".join(f"{chr(low)}-{chr(high)}" for low, high in _KEPT_PUNCTUATION_RANGES)
+# A character that NFKC may change, outside the kept punctuation. Not one: characters that NFKC leaves as
+# they are whatever surrounds them (none decomposes, combines or is combined with): ASCII, Han, kana, CJK
+# and general punctuation. Most Chinese text has none: one search finds that. (A search for the class
+# alone scans several times faster than for runs of it, `[...]+`: the runs are read only when needed.)
+_UNSTABLE_IN_HAN_TEXT = re.compile(
+    "[^\x00-\x7f\u00b7\u2010\u2012-\u2016\u2018-\u2023\u2027-\u202e\u2030-\u2032\u2035"
+    "\u3001-\u3029\u3030-\u3035\u3037\u303b-\u303f\u3041-\u3096\u30a0-\u30fe\u3400-\u4dbf"
+    f"\u4e00-\u9fff{_KEPT_PUNCTUATION_CLASS}]"
+)
+_UNSTABLE_RUN_IN_HAN_TEXT = re.compile(_UNSTABLE_IN_HAN_TEXT.pattern + "+")
 
 
 def _normalize_unicode(text: str) -> str:
@@ -207,15 +220,18 @@ def _normalize_unicode(text: str) -> str:
     characters (the text itself when that leaves nothing to change)."""
     if _HAN.search(text) is None:
         return _nfkc(text)
-    if _OUTSIDE_STABLE_HAN_TEXT.search(text) is None:
-        return text  # only the kept punctuation is out of NFKC
-    if _KEPT_PUNCTUATION.search(text) is None:
-        return _nfkc(text)
-    pieces = _KEPT_PUNCTUATION.split(text)  # odd pieces are the punctuation: kept as it is
-    return "".join(
-        piece if index % 2 or unicodedata.is_normalized("NFKC", piece) else _nfkc(piece)
-        for index, piece in enumerate(pieces)
-    )
+    first = _UNSTABLE_IN_HAN_TEXT.search(text)
+    if first is None:
+        return text
+    pieces, position = [], 0
+    for run in _UNSTABLE_RUN_IN_HAN_TEXT.finditer(text, first.start()):
+        start, end = run.span()
+        if start > position and text[start - 1] not in _KEPT_PUNCTUATION:
+            start -= 1  # the character a combining mark of the run may compose with ('e' + U+0301)
+        pieces += (text[position:start], _nfkc(text[start:end]))
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 @functools.lru_cache(maxsize=16)

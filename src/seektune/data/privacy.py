@@ -2,15 +2,18 @@
 numbers, bank card numbers, IP addresses, and API keys, tokens and passwords.
 
 Each find is replaced by its mask (`<EMAIL>`, `<PHONE>`, ...), or, with `data.privacy.action: drop`, the
-record is marked for removal. Why our own code: the libraries that do this (Presidio, scrubadub) need a
-spaCy model, are English-centred (no Chinese ID or mobile numbers) and cost milliseconds per record; this
-step runs over millions of records at a few microseconds each. Every detector is a precompiled regex plus
-a validator where the shape alone says too little (ID birth date and ISO 7064 checksum, Luhn and issuer
-prefix of cards, `ipaddress` for IPv6), behind cheap pre-checks that skip it when the characters it
-needs are absent (no '@': no e-mail; no 7 digits in a row, no two groups of 4 digits and no '+' before a
-digit: no phone, ID or card number; ...). The Python regex engine costs tens of nanoseconds per character
-it scans, so a record without PII is only looked at by `in` tests on its text and on a one-pass
-byte-level sketch of it, once for the whole record (its messages joined).
+record is marked for removal. A record's message contents, `text`, `label` and the values of its
+`metadata` JSON are searched (all of them end up in the prepared data).
+
+Why our own code: the libraries that do this (Presidio, scrubadub) need a spaCy model, are English-centred
+(no Chinese ID or mobile numbers) and cost milliseconds per record; this step runs over millions of
+records at a few microseconds each. Every detector is a precompiled regex plus a validator where the shape
+alone says too little (ID birth date and ISO 7064 checksum, Luhn and issuer prefix of cards, `ipaddress`
+for IPv6), behind cheap pre-checks that skip it when the characters it needs are absent (no '@': no
+e-mail; no 7 digits in a row, no two groups of 4 digits and no '+' before a digit: no phone, ID or card
+number; ...). The Python regex engine costs tens of nanoseconds per character it scans, so a record
+without PII is only looked at by `in` tests on its text and on a one-pass byte-level sketch of it, once
+for the whole record (its messages, text, label and metadata JSON joined).
 
 Overlaps: detectors run in the order secret, email, id_card, bank_card, phone, ip, and a find that
 overlaps an earlier one is dropped: '13812345678@qq.com' is one e-mail, a valid 18-digit ID number is an
@@ -27,6 +30,9 @@ Judgement calls (each has a test):
 - Phone numbers: Chinese mobiles with or without +86/0086/86, and '+' international numbers of 7-15
   digits. Numbers without '+' that are not Chinese mobiles are not masked (they cannot be told apart from
   order numbers and counts).
+- Metadata: a whole string value of 8+ characters under a secret key name (`{"api_key": "..."}`) is a
+  secret, as `api_key = ...` is in text; an integer value with a find (`{"phone": 13812345678}`) becomes
+  the masked text.
 - IPv6 needs at least three groups or a group of 3-4 hex digits, so that Python slices (`x[1::2]`) and
   `a::b` are not addresses (the loopback '::1' is not masked).
 """
@@ -475,39 +481,15 @@ def _add_counts(counts: dict[str, int], found: dict[str, int]) -> None:
         counts[kind] = counts.get(kind, 0) + n
 
 
-def _mask_record(
-    messages: list | None, text: str | None, label: str | None, kinds: tuple[str, ...]
-) -> tuple[list, str, str, dict]:
-    """The record's messages, text and label masked, and the finds per kind in them."""
-    messages, text, label = messages or [], text or "", label or ""
-    # One screening of the whole record first: the pre-checks cost per call, and most records hold no
-    # PII. Finds never cross the newlines, so no find in the joined text means none in any part.
-    parts = [message["content"] or "" for message in messages]
-    if not _find_spans("\n".join([*parts, text, label]) if parts or label else text, kinds):
-        return messages, text, label, {}
-    counts: dict[str, int] = {}
-    masked_messages = list(messages)
-    for index, content in enumerate(parts):
-        masked, found = _mask(content, kinds)
-        if found:
-            masked_messages[index] = {**messages[index], "content": masked}
-            _add_counts(counts, found)
-    text, found = _mask(text, kinds)
-    _add_counts(counts, found)
-    label, found = _mask(label, kinds)
-    _add_counts(counts, found)
-    return masked_messages, text, label, counts
-
-
 def _mask_value(value: object, key: str, kinds: tuple[str, ...], counts: dict[str, int]) -> object:
-    """A metadata value (under `key`) with its text masked, walking nested objects and lists.
+    """A metadata value (under `key`, "" in a list) with its text masked, walking nested objects and lists.
 
     A whole string of 8+ characters under a secret key name ("api_key", "password", ...) is a secret, as
-    in `key = value` text. An integer with a find (a phone number) becomes the masked text."""
+    `key = value` in text. An integer with a find (a phone number) becomes the masked text."""
     if isinstance(value, dict):
         return {name: _mask_value(item, name, kinds, counts) for name, item in value.items()}
     if isinstance(value, list):
-        return [_mask_value(item, key, kinds, counts) for item in value]
+        return [_mask_value(item, "", kinds, counts) for item in value]
     if isinstance(value, str):
         if "secret" in kinds and len(value) >= 8 and value not in _MASKS and _is_secret_key(key):
             _add_counts(counts, {"secret": 1})
@@ -524,10 +506,8 @@ def _mask_value(value: object, key: str, kinds: tuple[str, ...], counts: dict[st
     return masked
 
 
-def _mask_metadata(metadata: str | None, kinds: tuple[str, ...]) -> tuple[str, dict[str, int]]:
+def _mask_metadata(metadata: str, kinds: tuple[str, ...]) -> tuple[str, dict[str, int]]:
     """The metadata JSON with its string values masked (re-serialised only when masked), and the finds."""
-    if not metadata or metadata == "{}":
-        return metadata or "", {}
     try:
         parsed = json.loads(metadata)
     except ValueError:
@@ -539,6 +519,38 @@ def _mask_metadata(metadata: str | None, kinds: tuple[str, ...]) -> tuple[str, d
     return json.dumps(masked, ensure_ascii=False, sort_keys=True), counts
 
 
+def _mask_record(
+    messages: list, text: str, label: str, metadata: str, kinds: tuple[str, ...]
+) -> tuple[list, str, str, str, dict[str, int]]:
+    """The record's messages, text, label and metadata masked, and the finds per kind in them."""
+    # One screening of the whole record first: the pre-checks cost per call, and most records hold no
+    # PII. Finds never cross the newlines, so no find in the joined text means none in any part. Metadata
+    # JSON without a backslash (no escapes) holds its strings as they are, between quotes that no detector
+    # reads as part of a find, and its '"api_key": "..."' pairs are `key: value` secrets of the text: it is
+    # screened as it is, and parsed only when that finds something.
+    parts = [message["content"] or "" for message in messages]
+    has_metadata = metadata != "{}" and metadata != ""
+    if not has_metadata or "\\" not in metadata:
+        screened = [*parts, text, label, metadata] if has_metadata else [*parts, text, label]
+        if not _find_spans("\n".join(screened), kinds):
+            return messages, text, label, metadata, {}
+    counts: dict[str, int] = {}
+    masked_messages = list(messages)
+    for index, content in enumerate(parts):
+        masked, found = _mask(content, kinds)
+        if found:
+            masked_messages[index] = {**messages[index], "content": masked}
+            _add_counts(counts, found)
+    text, found = _mask(text, kinds)
+    _add_counts(counts, found)
+    label, found = _mask(label, kinds)
+    _add_counts(counts, found)
+    if has_metadata:
+        metadata, found = _mask_metadata(metadata, kinds)
+        _add_counts(counts, found)
+    return masked_messages, text, label, metadata, counts
+
+
 def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]:
     """Mask personal and secret data in every message, `text`, `label` and `metadata` value of a batch.
 
@@ -547,8 +559,9 @@ def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]
     ("privacy" appended when masked), creating them when the batch lacks them. With action 'drop' the
     records are masked too, so that nothing leaks wherever they are shown. Records that an earlier step
     already removed (the cleaner's `removed_by`) are left as they are: they are dropped anyway, and the
-    report's PII counts are about the data that is kept. `metadata` (a JSON object as text) is parsed only
-    when it is not "{}", and written again (sorted keys) only when something in it was masked.
+    report's PII counts are about the data that is kept. In `metadata` (a JSON object as text) the string
+    and integer values are masked (the key names are not); it is parsed only when a screening of its text
+    finds something or it holds escapes, and written again (`json.dumps`, sorted keys) only when masked.
     """
     n_rows = len(next(iter(batch.values()), []))
     removed_by = list(batch.get("removed_by") or [""] * n_rows)
@@ -562,14 +575,13 @@ def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]
         for row in range(n_rows):
             if removed_by[row]:
                 continue
-            messages, text, label, counts = _mask_record(all_messages[row], texts[row], labels[row], kinds)
-            masked_metadata, found = _mask_metadata(metadata[row], kinds)
-            if found:
-                metadata[row] = masked_metadata
-                _add_counts(counts, found)
+            masked = _mask_record(
+                all_messages[row] or [], texts[row] or "", labels[row] or "", metadata[row] or "", kinds
+            )
+            counts = masked[-1]
             if not counts:
                 continue
-            all_messages[row], texts[row], labels[row] = messages, text, label
+            all_messages[row], texts[row], labels[row], metadata[row] = masked[:-1]
             pii[row] = ",".join(f"{kind}:{counts[kind]}" for kind in PII_KINDS if kind in counts)
             changed_by[row] = _add_reason(changed_by[row], "privacy")
             if cfg.action == "drop":
