@@ -188,6 +188,74 @@ def test_held_out_twin_survives_whatever_the_order(near: bool) -> None:
         assert all(duplicate.kept == held_out for duplicate in result.removed.values())
 
 
+def held_out_pairs_near_the_threshold(count: int, cfg: DedupConfig) -> tuple[list[str], list[str]]:
+    """`count` (test text, train twin) pairs whose estimated Jaccard is in [0.86, 0.92] (threshold 0.85):
+    two words of each twin changed, pairs outside the range skipped."""
+    rng = random.Random(0)
+    vocabulary = [
+        "".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 8))) for _ in range(3000)
+    ]
+    texts = [" ".join(rng.choice(vocabulary) for _ in range(40)) for _ in range(3 * count)]
+    twins = []
+    for text in texts:
+        for position in rng.sample(range(40), 2):
+            text = with_word_changed(text, position, "zz" + rng.choice(vocabulary))
+        twins.append(text)
+    signatures = minhash_batch({"messages": [[]] * 6 * count, "text": texts + twins}, cfg, seed=0)["minhash"]
+    similarities = (signatures[: 3 * count] == signatures[3 * count :]).mean(axis=1)
+    chosen = np.flatnonzero((similarities >= 0.86) & (similarities <= 0.92))[:count]
+    assert len(chosen) == count
+    held_out, twins = [texts[i] for i in chosen], [twins[i] for i in chosen]
+    return held_out, twins
+
+
+def test_no_surviving_train_record_is_a_near_twin_of_a_test_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 2's LSH misses a few of these 300 pairs; the held-out check removes those too (brute force over
+    all surviving test x train signatures finds no pair at the threshold)."""
+    cfg = DedupConfig()
+    held_out, twins = held_out_pairs_near_the_threshold(300, cfg)
+    data = dataset_of(twins + held_out, ["train"] * 300 + ["test"] * 300)  # the twins come first
+    signatures = minhash_batch(data[:], cfg, seed=0)["minhash"]
+
+    def near_twins_left(result: dedup_module.DedupResult) -> int:
+        keep = np.array(result.keep_indices)
+        train, test = keep[keep < 300], keep[keep >= 300]
+        similarities = (signatures[train][:, None, :] == signatures[test][None, :, :]).mean(axis=2)
+        return int((similarities >= cfg.threshold).sum())
+
+    result = find_duplicates(data, cfg, seed=0)
+    assert near_twins_left(result) == 0
+    assert result.keep_indices == list(range(300, 600))
+    assert all(duplicate.kept == index + 300 for index, duplicate in result.removed.items())
+    assert [(c.kept, c.removed) for c in result.clusters] == [(i + 300, [i]) for i in range(300)]
+
+    monkeypatch.setattr(dedup_module, "_held_out_check", lambda *args: None)
+    assert near_twins_left(find_duplicates(data, cfg, seed=0)) > 0  # what pass 2 alone leaves
+
+
+def test_held_out_band_layout_finds_995_per_mille_at_the_threshold() -> None:
+    assert dedup_module._held_out_band_layout(0.85, 128) == (18, 7)
+    for threshold, num_perm in [(0.85, 128), (0.5, 128), (0.95, 256), (0.7, 16)]:
+        bands, rows = dedup_module._held_out_band_layout(threshold, num_perm)
+        assert bands * rows <= num_perm
+        assert (1 - threshold**rows) ** bands <= 0.005
+        assert (1 - threshold ** (rows + 1)) ** (num_perm // (rows + 1)) > 0.005  # one more row misses more
+
+
+def test_records_pointing_at_a_removed_record_join_the_cluster_that_stays() -> None:
+    removed = {
+        3: Duplicate("near", 0, 0.87),  # removed by the held-out check in favour of test record 0
+        4: Duplicate("near", 3, 0.9),  # removed by pass 2 in favour of 3
+        5: Duplicate("exact", 4, 1.0),
+        7: Duplicate("exact", 6, 1.0),
+    }
+    clusters = dedup_module._clusters(removed)
+    assert [(c.kept, c.removed, c.kind, c.similarity) for c in clusters] == [
+        (0, [3, 4, 5], "near", 0.87),
+        (6, [7], "exact", 1.0),
+    ]
+
+
 def test_result_is_deterministic_for_a_seed() -> None:
     texts = [paragraph(seed) for seed in range(30)]
     texts += [with_word_changed(texts[seed], 7, "noise") for seed in range(0, 30, 3)]

@@ -1,14 +1,23 @@
 """Exact and near-duplicate detection across all sources and splits.
 
-Two passes over the records, each a `Dataset.map(batched=True, num_proc=...)` followed by a cheap
-single-process decision:
+Three passes over the records, the first two each a `Dataset.map(batched=True, num_proc=...)` followed by a
+cheap single-process decision:
 
 1. Exact: a 64-bit BLAKE2b digest of the normalised text (`normalise_for_dedup`) per record; records
    whose digest was seen before are dropped.
 2. Near: a MinHash signature per surviving record (datasketch's permutations over character n-gram
    shingles, so Chinese needs no word segmentation), indexed in a datasketch `MinHashLSH`. Each
    record queries the index, its candidates are verified by the Jaccard similarity estimated from the
-   signatures, and only records that stay are inserted (so every removed record points at a kept one).
+   signatures, and only records that stay are inserted (so a removed record points at one kept so far).
+3. Held-out check (only when there are test or validation records): pass 2's band layout finds about 93%
+   of the pairs at the threshold, so a training record can keep a held-out near-twin. The kept held-out
+   records (usually few) are indexed again, with a band layout that finds at least 99.5% of the pairs at
+   the threshold (datasketch's false-negative probability (1 - s**r)**b at s = threshold; a pair whose
+   *estimated* Jaccard reaches the threshold is missed far more rarely: at 0.85 and 128 permutations,
+   18 bands of 7 rows, only if its at most 19 differing signature values hit all 18 bands, probability
+   4e-6, and never from 0.867 up), every other kept record queries it with the signatures of pass 2, and
+   one whose estimated Jaccard to a candidate reaches the threshold is removed as that candidate's
+   near-duplicate (the most similar one). No second MinHash pass: the signatures of pass 2 are reused.
 
 Which member of a duplicate group stays: records are visited test first, then validation, then the
 rest ('train' or '' = not split yet), each group in index order; the first one visited stays. So a held-out
@@ -27,9 +36,13 @@ the code points, then a 64-bit finaliser) and apply datasketch's own permutation
 permutations`, scheme 'affine32') to the whole batch in a few array operations; the signatures equal
 `MinHash.update_batch` on the same shingle hashes (a test checks this). The index and the band layout
 are datasketch's `MinHashLSH`; candidates are verified by comparing signature arrays, which is what
-`MinHash.jaccard` computes, without building a MinHash per candidate. A `select`ed dataset (what
-cleaning leaves) is read through datasets' private `_indices` with Arrow `take`: datasets' public getters
-and `map` read a selection row by row, which made the exact pass about 1.5x slower.
+`MinHash.jaccard` computes, without building a MinHash per candidate. The held-out check bands all
+signatures at once with NumPy (a 64-bit hash per band, matched by binary search in the held-out records'
+sorted band keys) instead of a `MinHashLSH.query` per record, which takes 60 us a record: with 5% of the
+records held out that added 38% to the near-dedup time, this adds 2-3%, and the same pairs come out.
+A `select`ed dataset (what cleaning leaves) is read through datasets' private `_indices` with Arrow
+`take`: datasets' public getters and `map` read a selection row by row, which made the exact pass about
+1.5x slower.
 """
 
 from __future__ import annotations
@@ -69,6 +82,9 @@ _SCHEME = "affine32"
 # anyway, so a spurious one costs a comparison while a missed one leaves a twin in the data. At the
 # default threshold 0.85 this finds 93% of the pairs at the threshold and 99% at 0.9 (50/50: 46%, 81%).
 _LSH_WEIGHTS = (0.05, 0.95)
+# Share of the pairs at the threshold that the held-out check's band layout must find (see the docstring).
+_HELD_OUT_RECALL = 0.995
+_QUERY_CHUNK = 65_536  # records banded and matched at once by the held-out check (~10 MiB of band keys)
 _SHINGLE_CHUNK = 8192  # shingles permuted at once: 8192 x num_perm 128 x 4 bytes = 4 MiB
 _POLY_BASE = np.uint64(0x100000001B3)
 _MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -78,7 +94,10 @@ _SHIFT_32 = np.uint64(32)
 
 
 class Duplicate(NamedTuple):
-    """Why a record was removed: 'exact' or 'near', the kept index it duplicates, their similarity."""
+    """Why a record was removed: 'exact' or 'near', the index it duplicates, their similarity.
+
+    That index may itself be removed (see `_final`); `DedupResult.clusters` names the record that stays.
+    """
 
     kind: str
     kept: int
@@ -261,13 +280,13 @@ def _column(dataset: Dataset, name: str) -> pa.ChunkedArray:
     return column if dataset._indices is None else column.take(dataset._indices.column(0))
 
 
-def _priority_order(dataset: Dataset) -> np.ndarray:
-    """Indices in visiting order: test, then validation, then the rest; index order within each."""
+def _split_ranks(dataset: Dataset) -> np.ndarray:
+    """Each record's visiting rank: 0 test, 1 validation, 2 the rest (len(_HELD_OUT) = not held out)."""
     splits = _column(dataset, "split")
     ranks = np.full(len(dataset), len(_HELD_OUT), dtype=np.int8)
     for rank, split in enumerate(_HELD_OUT):
         ranks[pc.fill_null(pc.equal(splits, split), False).to_numpy(zero_copy_only=False)] = rank
-    return np.argsort(ranks, kind="stable")
+    return ranks
 
 
 def _text_parts(dataset: Dataset) -> Iterator[Dataset]:
@@ -332,38 +351,167 @@ def _signatures(dataset: Dataset, cfg: DedupConfig, seed: int, num_proc: int | N
 def _near_pass(
     dataset: Dataset,
     survivors: np.ndarray,
+    held_out: np.ndarray,
     cfg: DedupConfig,
     seed: int,
     num_proc: int | None,
     removed: dict[int, Duplicate],
 ) -> None:
-    """Records removed as near-duplicates of a record visited earlier go into `removed`."""
+    """Records removed as near-duplicates of a record visited earlier go into `removed`; `held_out` marks
+    the test and validation records among `survivors` (visiting order, so held-out ones come first)."""
     signatures = _signatures(dataset.select(survivors), cfg, seed, num_proc)
+    stays = _lsh_pass(signatures, survivors, cfg, seed, removed)
+    if held_out.any() and not held_out.all():
+        _held_out_check(signatures, survivors, stays & held_out, stays & ~held_out, cfg, removed)
+
+
+def _sketch(signature: np.ndarray, seed: int) -> LeanMinHash:
+    return LeanMinHash(seed=_minhash_seed(seed), hashvalues=signature, scheme=_SCHEME)
+
+
+def _best_match(
+    signatures: np.ndarray, signature: np.ndarray, candidates: list[int], threshold: float
+) -> tuple[int, float] | None:
+    """The candidate (a position in `signatures`) most similar to `signature` by estimated Jaccard, with
+    that similarity, if it reaches `threshold`."""
+    similarities = (signatures[candidates] == signature).mean(axis=1)
+    best = int(similarities.argmax())
+    return (candidates[best], float(similarities[best])) if similarities[best] >= threshold else None
+
+
+def _lsh_pass(
+    signatures: np.ndarray, survivors: np.ndarray, cfg: DedupConfig, seed: int, removed: dict[int, Duplicate]
+) -> np.ndarray:
+    """Pass 2: each record against the records kept before it; returns which positions stay."""
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=_LSH_WEIGHTS)
+    stays = np.zeros(len(signatures), dtype=bool)
     for position, signature in enumerate(signatures):
-        sketch = LeanMinHash(seed=_minhash_seed(seed), hashvalues=signature, scheme=_SCHEME)
+        sketch = _sketch(signature, seed)
         candidates = lsh.query(sketch)
-        if candidates:
-            similarities = (signatures[candidates] == signature).mean(axis=1)
-            best = int(similarities.argmax())
-            if similarities[best] >= cfg.threshold:
-                kept = int(survivors[candidates[best]])
-                removed[int(survivors[position])] = Duplicate("near", kept, float(similarities[best]))
-                continue
+        match = _best_match(signatures, signature, candidates, cfg.threshold) if candidates else None
+        if match:
+            kept, similarity = match
+            removed[int(survivors[position])] = Duplicate("near", int(survivors[kept]), similarity)
+            continue
         lsh.insert(position, sketch, check_duplication=False)
+        stays[position] = True
+    return stays
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out_band_layout(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) of the held-out check: the most rows per band (the fewest spurious candidates) with
+    which a pair at Jaccard `threshold` shares a band with probability at least _HELD_OUT_RECALL, by
+    datasketch's false-negative probability (1 - s**rows)**bands at s = threshold. (18, 7) at 0.85, 128."""
+    for rows in range(num_perm, 1, -1):
+        bands = num_perm // rows
+        if (1 - threshold**rows) ** bands <= 1 - _HELD_OUT_RECALL:
+            return bands, rows
+    return num_perm, 1
+
+
+def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(records x bands) 64-bit keys of the bands of `rows` signature values: equal bands, equal keys
+    (unequal bands collide with probability about 2**-64, which only adds a candidate to verify)."""
+    banded = signatures[:, : bands * rows].reshape(len(signatures), bands, rows)
+    keys = banded[:, :, 0].astype(np.uint64)
+    for row in range(1, rows):
+        keys *= _POLY_BASE
+        keys += banded[:, :, row]
+    return _mix64(keys)
+
+
+class _BandIndex(NamedTuple):
+    """Band keys of the indexed records, sorted per band (`keys[band]`), and their rows (`rows[band]`)."""
+
+    keys: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, band_keys: np.ndarray) -> _BandIndex:
+        rows = np.argsort(band_keys, axis=0, kind="stable").T
+        return cls(np.take_along_axis(band_keys.T, rows, axis=1), rows)
+
+    def pairs(self, query_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, indexed row) of every pair that shares at least one band key, each pair once."""
+        queries, matches = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for keys, rows, wanted in zip(self.keys, self.rows, np.ascontiguousarray(query_keys.T), strict=True):
+            low = np.searchsorted(keys, wanted)
+            hits = np.flatnonzero(keys[np.minimum(low, len(keys) - 1)] == wanted)
+            if not len(hits):
+                continue
+            wanted, low = wanted[hits], low[hits]
+            counts = np.searchsorted(keys, wanted, side="right") - low
+            # Positions low[i] .. low[i] + counts[i] - 1 in the sorted keys, for each hit i, concatenated.
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            queries.append(np.repeat(hits, counts))
+            matches.append(rows[np.repeat(low, counts) + offsets])
+        pairs = np.unique(np.stack([np.concatenate(queries), np.concatenate(matches)]), axis=1)
+        return pairs[0], pairs[1]
+
+
+def _held_out_check(
+    signatures: np.ndarray,
+    survivors: np.ndarray,
+    held_out: np.ndarray,
+    others: np.ndarray,
+    cfg: DedupConfig,
+    removed: dict[int, Duplicate],
+) -> None:
+    """Pass 3: kept records (`others`) removed as near-twins of a kept held-out record (`held_out`) that
+    pass 2's LSH missed; both are masks over the positions of `signatures`. Of several held-out twins the
+    most similar wins (then the first visited)."""
+    indexed, queried = np.flatnonzero(held_out), np.flatnonzero(others)
+    if not len(indexed) or not len(queried):
+        return
+    bands, rows = _held_out_band_layout(cfg.threshold, cfg.num_perm)
+    index = _BandIndex.of(_band_keys(signatures[indexed], bands, rows))
+    found = 0
+    for start in range(0, len(queried), _QUERY_CHUNK):
+        chunk = queried[start : start + _QUERY_CHUNK]
+        query_rows, index_rows = index.pairs(_band_keys(signatures[chunk], bands, rows))
+        query_positions, index_positions = chunk[query_rows], indexed[index_rows]
+        similarities = (signatures[query_positions] == signatures[index_positions]).mean(axis=1)
+        twin = similarities >= cfg.threshold
+        query_positions, index_positions, similarities = (
+            query_positions[twin],
+            index_positions[twin],
+            similarities[twin],
+        )
+        best = np.lexsort((index_positions, -similarities, query_positions))
+        _, first = np.unique(query_positions[best], return_index=True)
+        for pair in best[first].tolist():
+            kept = int(survivors[index_positions[pair]])
+            removed[int(survivors[query_positions[pair]])] = Duplicate(
+                "near", kept, float(similarities[pair])
+            )
+        found += len(first)
+    logger.debug("dedup: the held-out check removed %d near-twins of held-out records", found)
+
+
+def _final(removed: dict[int, Duplicate], duplicate: Duplicate) -> Duplicate:
+    """`duplicate` followed to the record that stays: 'near' if any link is, the lowest link similarity.
+
+    A record can point at a removed one: an exact twin of a record that pass 2 removed, or a near-twin of
+    a training record that the held-out check removed later.
+    """
+    while duplicate.kept in removed:
+        link = removed[duplicate.kept]
+        kind = "near" if "near" in (duplicate.kind, link.kind) else "exact"
+        duplicate = Duplicate(kind, link.kept, min(duplicate.similarity, link.similarity))
+    return duplicate
 
 
 def _clusters(removed: dict[int, Duplicate]) -> list[DuplicateCluster]:
     """Removed records grouped by the record that finally stays, biggest group first.
 
-    An exact twin of a record removed as a near-duplicate joins that record's near cluster. A cluster is
-    'near' when any member is; its similarity is the highest of its members' to the kept record.
+    An exact twin of a record removed as a near-duplicate joins that record's near cluster, and so do the
+    records removed in favour of a record that was removed itself (`_final`). A cluster is 'near' when any
+    member is; its similarity is the highest of its members' to the kept record.
     """
     groups: dict[int, DuplicateCluster] = {}
     for index in sorted(removed):
-        duplicate = removed[index]
-        if duplicate.kept in removed:  # its exact twin was itself removed as a near-duplicate
-            duplicate = removed[duplicate.kept]
+        duplicate = _final(removed, removed[index])
         cluster = groups.setdefault(duplicate.kept, DuplicateCluster(duplicate.kept, [], "exact", 0.0))
         cluster.removed.append(index)
         cluster.kind = "near" if duplicate.kind == "near" else cluster.kind
@@ -378,13 +526,15 @@ def find_duplicates(
 
     Of each duplicate group the test record stays, else the validation record, else the earliest.
     """
-    order = _priority_order(dataset)
+    ranks = _split_ranks(dataset)
+    order = np.argsort(ranks, kind="stable")  # visiting order: test, validation, the rest
     removed: dict[int, Duplicate] = {}
     survivors = order
     if cfg.exact and len(survivors):
         survivors = _exact_pass(dataset, survivors, num_proc, removed)
     if cfg.near and len(survivors):
-        _near_pass(dataset, survivors, cfg, seed, num_proc, removed)
+        held_out = ranks[survivors] < len(_HELD_OUT)
+        _near_pass(dataset, survivors, held_out, cfg, seed, num_proc, removed)
     counts = {"exact": 0, "near": 0}
     for duplicate in removed.values():
         counts[duplicate.kind] += 1
