@@ -192,3 +192,14 @@ def test_a_test_only_source_takes_no_part_in_the_mix(tmp_path, tokenizer):
     prepared = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "out")
     assert prepared.report["mix"]["after"] == {"a": 20, "b": 20}
     assert prepared.report["splits"]["test"] == 5
+
+
+def test_worker_processes_give_the_same_data(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "qa.jsonl", _qa(60))
+    fingerprints = []
+    for num_proc in (1, 2):
+        cfg = DataConfig(sources=[{"path": str(path)}], num_proc=num_proc, augment={"enabled": True})
+        fingerprints.append(
+            prepare_data(cfg, tokenizer, 3, tmp_path / f"out{num_proc}").report["fingerprint"]
+        )
+    assert fingerprints[0] == fingerprints[1]

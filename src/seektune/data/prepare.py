@@ -204,7 +204,12 @@ def _removed_examples(marked: Dataset, removed_by: list[str], per_reason: int = 
     for index, reason in enumerate(removed_by):
         if reason and len(picked.setdefault(reason, [])) < per_reason:
             picked[reason].append(index)
-    return {reason: [record_text(marked[i])[:300] for i in indices] for reason, indices in picked.items()}
+    from seektune.data.privacy import mask_pii
+
+    return {
+        reason: [mask_pii(record_text(marked[i])[:300])[0] for i in indices]
+        for reason, indices in picked.items()
+    }
 
 
 def _dedup(cfg: DataConfig, dataset: Dataset, seed: int, steps: _Steps, report: dict[str, Any]) -> Dataset:
