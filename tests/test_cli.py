@@ -40,7 +40,8 @@ def test_config_schema_is_json(capsys):
         (["run", "{cfg}", "--set", "tune.enabled=true"], "tune.enabled is true"),
         (["serve", "some-model"], "serving"),
         (["registry", "list"], "model registry"),
-        (["run", "{cfg}", "--set", "method.name=qlora"], "method.name 'qlora' is not available"),
+        (["run", "{cfg}", "--set", "method.name=prefix"], "method.name 'prefix' is not available"),
+        (["train", "{cfg}", "--set", "method.name=qlora", "--set", "model.device=cpu"], "needs a CUDA GPU"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys, args, expected):

@@ -380,6 +380,38 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
 
 
+class FreezeConfig(Section):
+    """Which parameters train with method 'freeze' (everything else is frozen)."""
+
+    train_layers: str = Field(
+        "-2:",
+        description="Decoder blocks that train, as Python slices joined by commas: '8:' (block 8 to the "
+        "last), '-2:' (the top two), '0:4,10:12'.",
+    )
+    train_modules: list[str] = Field(
+        default_factory=lambda: ["lm_head", "model.norm"],
+        description="Glob patterns of parameter names outside those blocks that also train.",
+    )
+    freeze_modules: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of parameter names kept frozen even inside trained blocks, "
+        "e.g. '*.mlp.experts.*'.",
+    )
+
+
+class AdapterConfig(Section):
+    """Bottleneck adapters (method 'adapter'): down-projection, non-linearity, up-projection, residual."""
+
+    reduction_factor: int = Field(16, ge=1, description="Hidden size divided by the bottleneck width.")
+    positions: list[Literal["attention", "mlp"]] = Field(
+        default_factory=lambda: ["attention", "mlp"],
+        min_length=1,
+        description="After which sub-layers of every block an adapter sits.",
+    )
+    non_linearity: Literal["relu", "gelu", "silu"] = Field("gelu", description="Bottleneck activation.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the adapter.")
+
+
 class MethodConfig(Section):
     """How the model is fine-tuned."""
 
@@ -387,6 +419,8 @@ class MethodConfig(Section):
         "lora", description="Fine-tuning method."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Settings of 'lora' and 'dora'.")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Settings of 'freeze'.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Settings of 'adapter'.")
 
 
 class TrainConfig(Section):

@@ -46,11 +46,25 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
             )
     from seektune.models.methods import AVAILABLE_METHODS
 
+    if cfg.method.name == "qlora" and not _has_cuda(cfg.model.device):
+        raise UserError(
+            "method.name qlora loads the base in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
+            f"and model.device '{cfg.model.device}' has none here: use method.name lora (the same adapter "
+            "on a full-precision base)"
+        )
     if cfg.method.name not in AVAILABLE_METHODS:
         raise UserError(
             f"method.name '{cfg.method.name}' is not available in this version of seektune yet: "
             f"use {', '.join(AVAILABLE_METHODS)}"
         )
+
+
+def _has_cuda(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
