@@ -96,3 +96,23 @@ def test_quickstart_config_beats_the_base(tmp_path):
     assert "beats the base" in run.report_path.read_text()
     data_report = (run.path / "data" / "report.md").read_text()
     assert "| exact\\_dedup |" in data_report and "[data/report.md]" in run.report_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "artefact"),
+    [
+        ({"name": "freeze", "freeze": {"train_layers": "-1:"}}, "model.safetensors"),
+        ({"name": "adapter", "adapter": {"reduction_factor": 8}}, "adapters.safetensors"),
+    ],
+)
+def test_freeze_and_adapter_runs_save_what_reloads(tmp_path, base_cache, method, artefact):
+    run = run_pipeline(validate_config(tiny_run_config(tmp_path, base_cache, method=method)))
+    assert (run.path / "model" / artefact).is_file()
+    metrics = json.loads(run.metrics_path.read_text())
+    assert 0 < metrics["train"]["trainable_params"] < metrics["train"]["total_params"]
+    again = run_eval_stage(
+        validate_config(tiny_run_config(tmp_path, base_cache, model={"name_or_path": str(run.path)}))
+    )
+    assert json.loads(again.metrics_path.read_text())["eval"]["model"]["perplexity"] == pytest.approx(
+        metrics["eval"]["tuned"]["perplexity"], rel=1e-4
+    )

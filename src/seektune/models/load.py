@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seektune.config import BUILTIN_BASE, ModelConfig
 from seektune.errors import UserError
+from seektune.models.adapters import is_adapter_folder, load_adapters
 from seektune.models.families import FamilyPreset, detect_family, ensure_chat_template
 from seektune.models.methods import count_parameters, load_adapter
 
@@ -180,7 +181,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     base = adapter_base(path)
     if base is not None:
         loaded = load_model(cfg.model_copy(update={"name_or_path": base}))
-        loaded.model = load_adapter(loaded.model, path)
+        if is_adapter_folder(Path(path)):
+            loaded.model = load_adapters(loaded.model, Path(path))
+        else:
+            loaded.model = load_adapter(loaded.model, path)
         loaded.path = path
         logger.info("loaded adapter %s on %s", path, base)
         return loaded

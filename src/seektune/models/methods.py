@@ -1,5 +1,10 @@
 """Fine-tuning methods: which parameters train, and the adapters that add new ones.
 
+Method 'freeze' is ours (neither PEFT nor transformers selects trainable blocks): it freezes everything,
+unfreezes the decoder blocks chosen by Python slices, then parameters matched by glob patterns, then
+re-freezes the `freeze_modules` patterns, and logs a table of what trains. Patterns and slices that select
+nothing are user errors, not silent no-ops.
+
 PEFT builds the adapters. What is ours: mapping `MethodConfig` onto PEFT, resolving `target_modules:
 auto` to the family preset (keeping only the names this model has, so one preset serves DeepSeek-V2
 and V2-Lite), rejecting target names that match no module *before* PEFT runs (PEFT only complains
@@ -18,22 +23,28 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import peft
 from torch import nn
 
-from seektune.config import LoraConfig, MethodConfig
+from seektune.config import FreezeConfig, LoraConfig, MethodConfig
 from seektune.errors import UserError
 from seektune.models.families import FamilyPreset
 
 logger = logging.getLogger(__name__)
 
-AVAILABLE_METHODS = ("full", "lora", "dora")
+AVAILABLE_METHODS = ("full", "freeze", "lora", "dora", "adapter")
+
+# Last name part of the module list that holds the decoder blocks (Llama/Qwen2/DeepSeek: model.layers,
+# GPT-2: transformer.h, others: blocks).
+_BLOCK_LIST_NAMES = ("layers", "h", "blocks")
 
 
 @dataclass
@@ -65,8 +76,14 @@ def apply_method(
     """Make `model` trainable by `method`; LoRA/DoRA return the PEFT-wrapped model."""
     if method.name == "full":
         model.requires_grad_(True)
+    elif method.name == "freeze":
+        freeze_model(model, method.freeze)
     elif method.name in ("lora", "dora"):
         model = _wrap_lora(model, method.lora, family, use_dora=method.name == "dora")
+    elif method.name == "adapter":
+        from seektune.models.adapters import apply_adapters
+
+        model = apply_adapters(model, method.adapter)
     else:
         raise UserError(
             f"method.name {method.name!r} is not available in this version of seektune yet; "
@@ -75,6 +92,161 @@ def apply_method(
     summary = count_parameters(model)
     logger.info("method %s: %s", method.name, summary)
     return model, summary
+
+
+@dataclass
+class FreezeSelection:
+    """What method 'freeze' left trainable: decoder block indices and the trainable parameter names."""
+
+    blocks_name: str | None
+    block_count: int
+    block_indices: list[int]
+    trainable_names: list[str]
+
+
+def freeze_model(model: nn.Module, freeze: FreezeConfig) -> FreezeSelection:
+    """Train only the chosen decoder blocks and `train_modules`, minus `freeze_modules`; log what trains."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    block_count = len(blocks) if blocks is not None else 0
+    block_indices = parse_layer_slices(freeze.train_layers, block_count)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    to_train = _matching_names(params, freeze.train_modules, "train_modules", model)
+    to_freeze = _matching_names(params, freeze.freeze_modules, "freeze_modules", model)
+    model.requires_grad_(False)
+    for index in block_indices:
+        blocks[index].requires_grad_(True)
+    for name in to_train:
+        params[name].requires_grad_(True)
+    for name in to_freeze:
+        params[name].requires_grad_(False)
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
+        raise UserError(
+            f"method 'freeze' with method.freeze.train_layers {freeze.train_layers!r}, train_modules "
+            f"{freeze.train_modules!r} and freeze_modules {freeze.freeze_modules!r} leaves no parameter "
+            "to train: select some blocks or modules, or freeze fewer"
+        )
+    selection = FreezeSelection(blocks_name, block_count, block_indices, trainable)
+    block_params = {id(p) for index in block_indices for p in blocks[index].parameters()}
+    logger.info("method freeze, what trains:\n%s", _trainable_table(model, selection, block_params))
+    return selection
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str | None, nn.ModuleList | None]:
+    """The first ModuleList named like a decoder block list (e.g. model.model.layers), or (None, None)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES:
+            return name, module
+    return None, None
+
+
+def parse_layer_slices(spec: str, block_count: int) -> list[int]:
+    """Sorted block indices selected by `spec`: Python slices or single indices joined by commas
+    ('8:', '-2:', '0:4,10:12', '5'); '' selects no block."""
+    selected: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part and spec.strip() == "":
+            continue
+        if block_count == 0:
+            raise UserError(
+                f"method.freeze.train_layers {spec!r}: found no list of decoder blocks in this model (a "
+                f"ModuleList named {', '.join(_BLOCK_LIST_NAMES)}); set method.freeze.train_layers to '' "
+                "and name what trains in method.freeze.train_modules"
+            )
+        indices = _slice_indices(part, spec, block_count)
+        if not indices:
+            raise UserError(
+                f"method.freeze.train_layers {spec!r}: {part!r} selects no decoder block; the model has "
+                f"{block_count} blocks (0 to {block_count - 1})"
+            )
+        selected.update(indices)
+    return sorted(selected)
+
+
+def _slice_indices(part: str, spec: str, block_count: int) -> list[int]:
+    fields = part.split(":")
+    try:
+        numbers = [int(f) if f.strip() else None for f in fields]
+    except ValueError:
+        numbers = []
+    if not numbers or len(numbers) > 3 or numbers == [None] or (len(numbers) == 3 and numbers[2] == 0):
+        raise UserError(
+            f"method.freeze.train_layers {spec!r}: cannot read {part!r} as a Python slice; write slices "
+            "over the decoder blocks joined by commas, e.g. '8:', '-2:' or '0:4,10:12'"
+        )
+    blocks = range(block_count)
+    if len(numbers) == 1:  # a single index, '5' or '-1'
+        index = numbers[0]
+        return [blocks[index]] if index is not None and -block_count <= index < block_count else []
+    return list(blocks[slice(*numbers)])
+
+
+def _matching_names(
+    params: dict[str, nn.Parameter], patterns: list[str], key: str, model: nn.Module
+) -> list[str]:
+    """Parameter names matched by any of `patterns`; a pattern matching none is a user error."""
+    matched: list[str] = []
+    for pattern in patterns:
+        names = [name for name in params if _name_matches(pattern, name)]
+        if not names:
+            raise UserError(
+                f"method.freeze.{key}: {pattern!r} matches no parameter of this model; glob patterns match "
+                f"parameter names or their modules, e.g. {', '.join(_module_overview(model))}"
+            )
+        matched.extend(names)
+    return matched
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """fnmatch on the parameter name, or on any module above it ('lm_head' matches 'lm_head.weight')."""
+    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
+
+
+def _module_overview(model: nn.Module, limit: int = 12) -> list[str]:
+    """A few module names to suggest: parents of parameters, block contents as 'model.layers.*.mlp'."""
+    blocks_name, _ = find_decoder_blocks(model)
+    names: dict[str, None] = {}
+    for name, _ in model.named_parameters():
+        if blocks_name and name.startswith(blocks_name + "."):
+            rest = name[len(blocks_name) + 1 :].split(".")
+            names[f"{blocks_name}.*.{rest[1]}" if len(rest) > 2 else f"{blocks_name}.*"] = None
+        else:
+            names[name.rsplit(".", 1)[0] if "." in name else name] = None
+    return list(names)[:limit]
+
+
+def _trainable_table(model: nn.Module, selection: FreezeSelection, block_params: set[int]) -> str:
+    """Rows: the trained blocks, then each other module with trainable parameters; counts per row."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases[id(param)].append(name)
+    blocks_row = f"{selection.blocks_name} blocks {_index_ranges(selection.block_indices)}"
+    blocks_row += f" (of 0-{selection.block_count - 1})"
+    rows: dict[str, int] = {blocks_row: 0} if selection.block_indices else {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in block_params:
+            rows[blocks_row] += param.numel()
+            continue
+        row = name.rsplit(".", 1)[0] if "." in name else name
+        tied = [alias for alias in aliases[id(param)] if alias != name]
+        if tied:
+            row += f" (tied to {', '.join(tied)}: training one trains both)"
+        rows[row] = rows.get(row, 0) + param.numel()
+    width = max(len(row) for row in rows)
+    return "\n".join(f"  {row:<{width}}  {count:>14,}" for row, count in rows.items())
+
+
+def _index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    ranges: list[list[int]] = []
+    for index in indices:
+        if ranges and index == ranges[-1][1] + 1:
+            ranges[-1][1] = index
+        else:
+            ranges.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 def _wrap_lora(model: nn.Module, lora: LoraConfig, family: FamilyPreset, use_dora: bool) -> Any:

@@ -232,7 +232,13 @@ def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
     final = run.path / "model"
     partial = run.path / ".model-partial"
     shutil.rmtree(partial, ignore_errors=True)
-    trainer.save_model(str(partial))
+    adapter_cfg = getattr(trainer.model, "seektune_adapter_config", None)
+    if adapter_cfg is not None:  # bottleneck adapters: only their weights, loaded onto the base later
+        from seektune.models.adapters import save_adapters
+
+        save_adapters(trainer.model, partial, adapter_cfg)
+    else:
+        trainer.save_model(str(partial))
     tokenizer.save_pretrained(str(partial))
     os.replace(partial, final)
     return final
