@@ -116,3 +116,24 @@ def test_freeze_and_adapter_runs_save_what_reloads(tmp_path, base_cache, method,
     assert json.loads(again.metrics_path.read_text())["eval"]["model"]["perplexity"] == pytest.approx(
         metrics["eval"]["tuned"]["perplexity"], rel=1e-4
     )
+
+
+def test_early_stopping_ends_with_the_best_checkpoint(tmp_path, base_cache):
+    raw = tiny_run_config(
+        tmp_path,
+        base_cache,
+        train={
+            "max_steps": 60,
+            "eval_steps": 2,
+            "logging_steps": 2,
+            "learning_rate": 0.05,
+            "early_stopping_patience": 2,
+        },  # fmt: skip
+        eval={"enabled": False},
+    )
+    run = run_pipeline(validate_config(raw))
+    train = json.loads(run.metrics_path.read_text())["train"]
+    history = json.loads((run.path / "train" / "history.json").read_text())
+    eval_losses = [row["eval_loss"] for row in history if "eval_loss" in row]
+    assert train["steps"] < 60  # stopped early
+    assert train["eval_loss"] == pytest.approx(min(eval_losses), rel=1e-3)  # the best weights were kept

@@ -378,6 +378,10 @@ class LoraConfig(Section):
         "auto", description="Module names to adapt; 'auto' takes the family preset."
     )
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+    include_experts: bool = Field(
+        False,
+        description="Also adapt the routed experts' fused weights (MoE models; PEFT target_parameters).",
+    )
 
 
 class FreezeConfig(Section):
@@ -433,8 +437,12 @@ class TrainConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 runs whole epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimiser step.")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule after warm-up."
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"] = (
+        Field("cosine", description="Learning-rate schedule after warm-up.")
+    )
+    lr_cycles: int = Field(1, ge=1, description="Cosine cycles of 'cosine_with_restarts'.")
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor", "sgd"] = Field(
+        "adamw", description="Optimizer; 'adamw_8bit' (bitsandbytes) needs a CUDA GPU."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -449,6 +457,20 @@ class TrainConfig(Section):
     )
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; None: once per epoch.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    keep_best: bool = Field(
+        True, description="End with the weights of the lowest validation loss (needs a validation split)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a lower validation loss."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much lower the validation loss must be to count as better."
+    )
+    max_grad_norm_spike: float = Field(
+        100.0,
+        gt=1,
+        description="Warn when a step's gradient norm exceeds this many times the running median.",
+    )
 
 
 class TuneConfig(Section):

@@ -1,19 +1,29 @@
-"""Method 'freeze': what trains for a spec, its user errors, its log table and a short training run."""
+"""Method 'freeze': what trains for a spec, its user errors, its log table and a short training run.
+LoRA with method.lora.include_experts: the fused routed experts get a per-expert update that trains,
+saves and loads back whole."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from seektune.config import FreezeConfig, MethodConfig, SeektuneConfig
+from seektune.config import FreezeConfig, LoraConfig, MethodConfig, SeektuneConfig
 from seektune.errors import UserError
 from seektune.models.families import FAMILIES
-from seektune.models.methods import AVAILABLE_METHODS, apply_method, freeze_model, parse_layer_slices
+from seektune.models.methods import (
+    AVAILABLE_METHODS,
+    apply_method,
+    freeze_model,
+    fused_expert_parameters,
+    load_adapter,
+    parse_layer_slices,
+)
 from seektune.pipeline import check_stages_available
 
 LAYERS = 4  # more blocks than the conftest's 2, so that '0:1,3:' leaves a gap
@@ -212,3 +222,136 @@ def test_training_moves_only_trained_parameters(
             assert not torch.equal(param, before[name]), f"{name} trains but did not change"
         else:
             assert param.grad is None and torch.equal(param, before[name]), f"{name} is frozen but changed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA on the fused routed experts (method.lora.include_experts)
+
+EXPERT_LORA = LoraConfig(r=4, dropout=0.0, include_experts=True)
+IDS = torch.randint(8, 60, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _lora(lora: LoraConfig = EXPERT_LORA, name: str = "lora") -> MethodConfig:
+    return MethodConfig(name=name, lora=lora)
+
+
+def _expert_lora_params(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in peft_model.named_parameters() if ".mlp.experts." in n and ".lora_" in n}
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _randomise_lora_b(peft_model: nn.Module, experts_only: bool = False) -> None:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name and (not experts_only or ".mlp.experts." in name):
+                param.normal_(std=0.2)
+
+
+def test_fused_expert_parameters_found(family_dirs: dict[str, Path]) -> None:
+    model = _tiny(family_dirs, "deepseek_v3")  # block 0 dense, blocks 1-3 MoE
+    assert fused_expert_parameters(model) == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (1, 2, 3) for p in ("gate_up_proj", "down_proj")
+    ]
+    assert fused_expert_parameters(_tiny(family_dirs, "llama")) == []
+
+
+def test_include_experts_adds_per_expert_lora(family_dirs: dict[str, Path]) -> None:
+    without, base_summary = apply_method(
+        _tiny(family_dirs, "deepseek_v3"), _lora(LoraConfig(r=4, dropout=0.0)), FAMILIES["deepseek_v3"]
+    )
+    with_experts, summary = apply_method(_tiny(family_dirs, "deepseek_v3"), _lora(), FAMILIES["deepseek_v3"])
+    # Per MoE block, 4 experts x rank 4: gate_up_proj (32 x 32) adds 16 * (32 + 32), down_proj (32 x 16)
+    # adds 16 * (16 + 32); three MoE blocks.
+    assert summary.trainable - base_summary.trainable == 3 * (16 * 64 + 16 * 48) == 5376
+    assert sum(p.numel() for p in _expert_lora_params(with_experts).values()) == 5376
+    assert not _expert_lora_params(without)
+    # The dense MLP and shared experts keep their module LoRA (PEFT's v4 rewrite stays off).
+    names = {n for n, _ in with_experts.named_parameters()}
+    assert "base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_A.default.weight" in names
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_B.default.weight" in names
+
+
+def test_expert_lora_starts_as_identity_and_equals_merged_update(family_dirs: dict[str, Path]) -> None:
+    base_logits = _logits(_tiny(family_dirs, "deepseek_v3"))
+    peft_model, _ = apply_method(_tiny(family_dirs, "deepseek_v3"), _lora(), FAMILIES["deepseek_v3"])
+    torch.testing.assert_close(_logits(peft_model), base_logits, atol=1e-6, rtol=0)  # B = 0 at init
+    _randomise_lora_b(peft_model, experts_only=True)
+    reference = _tiny(family_dirs, "deepseek_v3")
+    weights = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, peft.tuners.lora.ParamWrapper):
+                owner = name.replace(".base_layer", "")
+                weights[f"{owner}.{module.parameter_name}"] += module.get_delta_weight("default")
+    adapted = _logits(peft_model)
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    torch.testing.assert_close(adapted, _logits(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_expert_lora_trains(family_dirs: dict[str, Path]) -> None:
+    peft_model, _ = apply_method(_tiny(family_dirs, "deepseek_v3"), _lora(), FAMILIES["deepseek_v3"])
+    experts = _expert_lora_params(peft_model)
+    before = {name: param.detach().clone() for name, param in peft_model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05  # 4.87 -> 4.65 on this seed
+    assert len(experts) == 12  # lora_A and lora_B of two fused weights in three MoE blocks
+    for name, param in experts.items():
+        assert param.requires_grad and not torch.equal(param, before[name]), f"{name} did not train"
+    for name, param in peft_model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert not param.requires_grad and torch.equal(param, before[name])
+
+
+def test_expert_lora_saves_and_loads_whole(family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    peft_model, _ = apply_method(_tiny(family_dirs, "deepseek_v3"), _lora(), FAMILIES["deepseek_v3"])
+    _randomise_lora_b(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_adapter(_tiny(family_dirs, "deepseek_v3"), tmp_path / "adapter")
+    saved, loaded = _expert_lora_params(peft_model), _expert_lora_params(reloaded)
+    assert len(loaded) == 12 and loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+    torch.testing.assert_close(_logits(reloaded), _logits(peft_model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "message"),
+    [
+        (
+            "llama",
+            _lora(),
+            "method.lora.include_experts is true but this model has no fused routed experts",
+        ),
+        (
+            "deepseek_v3",
+            _lora(name="dora"),
+            "method.lora.include_experts does not work with method.name 'dora'",
+        ),
+        (
+            "deepseek_v3",
+            _lora(LoraConfig(include_experts=True)),
+            "method.lora.include_experts needs method.lora.dropout 0 (it is 0.05)",
+        ),
+    ],
+)
+def test_include_experts_user_errors(
+    family: str, method: MethodConfig, message: str, family_dirs: dict[str, Path]
+) -> None:
+    model = _tiny(family_dirs, family)
+    with pytest.raises(UserError) as caught:
+        apply_method(model, method, FAMILIES[family])
+    assert message in str(caught.value)
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # checked before wrapping

@@ -55,7 +55,8 @@ _MLA_TARGETS = (
 _DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ROUTED_EXPERTS_NOTE = (
     " LoRA reaches attention, the dense MLP and the shared experts; the routed experts are fused 3-D"
-    " parameters in transformers 5.x (not nn.Linear) and stay frozen."
+    " parameters in transformers 5.x (not nn.Linear) and stay frozen unless method.lora.include_experts"
+    " adapts them too."
 )
 
 FAMILIES: dict[str, FamilyPreset] = {

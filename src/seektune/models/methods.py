@@ -17,6 +17,12 @@ One PEFT behaviour is worked around: with transformers 5.x, PEFT (seen in 0.21.2
 `nn.Linear`s. That silently drops LoRA from the dense MLP and the shared experts, and it also drops those
 weights when a saved adapter is loaded back (huggingface/peft#3711). seektune only ever names modules of
 the model it was given (checked below), so `apply_method` and `load_adapter` switch that rewrite off.
+
+`method.lora.include_experts` adapts the routed experts too. They are fused 3-D parameters (experts x out x
+in, e.g. `model.layers.1.mlp.experts.gate_up_proj`), not `nn.Linear`, so module targets cannot reach them;
+we pass their full names to PEFT as `target_parameters` (PEFT's `lora.ParamWrapper`: one rank-r update per
+expert). With the rewrite switched off, those names reach PEFT unchanged, at creation and at load.
+ParamWrapper has no dropout and no DoRA, so those settings are rejected before the model is touched.
 """
 
 from __future__ import annotations
@@ -251,11 +257,13 @@ def _index_ranges(indices: list[int]) -> str:
 
 def _wrap_lora(model: nn.Module, lora: LoraConfig, family: FamilyPreset, use_dora: bool) -> Any:
     targets = resolve_target_modules(model, lora.target_modules, family)
+    expert_params = _expert_parameters_to_adapt(model, lora, use_dora) if lora.include_experts else None
     config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        target_parameters=expert_params,
         use_rslora=lora.use_rslora,
         use_dora=use_dora,
         task_type="CAUSAL_LM",
@@ -270,7 +278,46 @@ def _wrap_lora(model: nn.Module, lora: LoraConfig, family: FamilyPreset, use_dor
             return peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. a target name that is a container module, not a layer
         first_line = str(exc).strip().splitlines()[0]
+        if expert_params and "ParamWrapper" in first_line:
+            raise UserError(
+                f"method.lora.include_experts: PEFT cannot adapt the fused routed experts with these "
+                f"settings: {first_line}; change them or set method.lora.include_experts to false"
+            ) from exc
         raise UserError(f"method.lora.target_modules {targets!r} rejected by PEFT: {first_line}") from exc
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """Names of the routed experts' fused weights: the 3-D parameters held directly by modules whose name
+    ends with 'experts' (e.g. model.layers.1.mlp.experts.gate_up_proj); [] for a dense model."""
+    return [
+        f"{module_name}.{param_name}"
+        for module_name, module in model.named_modules()
+        if module_name.rsplit(".", 1)[-1] == "experts"
+        for param_name, param in module.named_parameters(recurse=False)
+        if param.dim() == 3
+    ]
+
+
+def _expert_parameters_to_adapt(model: nn.Module, lora: LoraConfig, use_dora: bool) -> list[str]:
+    """The fused expert parameters for PEFT's `target_parameters`, after the checks PEFT would fail on
+    half-way (having already wrapped the module targets)."""
+    names = fused_expert_parameters(model)
+    if not names:
+        raise UserError(
+            "method.lora.include_experts is true but this model has no fused routed experts (3-D parameters "
+            "in a module named 'experts'); set method.lora.include_experts to false"
+        )
+    if use_dora:
+        raise UserError(
+            "method.lora.include_experts does not work with method.name 'dora': PEFT has no DoRA for fused "
+            "expert parameters; use method.name 'lora' or set method.lora.include_experts to false"
+        )
+    if lora.dropout:
+        raise UserError(
+            f"method.lora.include_experts needs method.lora.dropout 0 (it is {lora.dropout}): PEFT's LoRA "
+            "on fused expert parameters has no dropout on the adapter's input; set method.lora.dropout to 0"
+        )
+    return names
 
 
 def resolve_target_modules(
@@ -316,7 +363,10 @@ def _linear_leaf_names(model: nn.Module, limit: int = 12) -> list[str]:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
     """Load a LoRA/DoRA adapter saved by seektune onto its base model, every adapted module included."""
-    with _targets_as_named():
+    with _targets_as_named(), warnings.catch_warnings():
+        warnings.filterwarnings(  # as in _wrap_lora: transformers' deprecation, raised by PEFT's call
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 

@@ -15,6 +15,8 @@ fixes its weights per example when it is built; neither re-weights groups of exa
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -172,3 +174,44 @@ def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {key: round(float(value), 4) for key, value in values.items()}
+
+
+class TrainingHealthCallback(TrainerCallback):
+    """Stops a run whose loss is no longer a number, and warns when the gradient norm spikes.
+
+    A NaN or infinite loss stops training at once (the caller turns `stopped_at` into one clear error)
+    instead of spending the rest of the budget on garbage weights. A gradient norm above `spike` times the
+    running median of the norms so far is logged with its step: the usual first sign of a learning rate
+    that is too high.
+    """
+
+    def __init__(self, spike: float = 100.0) -> None:
+        self.spike = spike
+        self.norms: list[float] = []
+        self.stopped_at: int | None = None
+        self.bad_loss: float | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.stopped_at, self.bad_loss = state.global_step, loss
+            logger.error("loss is %s at step %d: stopping the run", loss, state.global_step)
+            control.should_training_stop = True
+            return
+        norm = logs.get("grad_norm")
+        if norm is None:
+            return
+        if self.norms and math.isfinite(norm):
+            median = statistics.median(self.norms[-50:])
+            if median > 0 and norm > self.spike * median:
+                logger.warning(
+                    "gradient norm spike at step %d: %.4g, %.0fx the running median %.4g; "
+                    "consider a lower train.learning_rate",
+                    state.global_step,
+                    norm,
+                    norm / median,
+                    median,
+                )
+        if math.isfinite(norm):
+            self.norms.append(norm)

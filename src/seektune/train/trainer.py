@@ -84,6 +84,38 @@ def precision_flags(precision: str, device: torch.device) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "adafactor": "adafactor", "sgd": "sgd"}
+
+
+def optimizer_name(optimizer: str, device: torch.device) -> str:
+    """transformers' `optim` name of `train.optimizer`; 8-bit AdamW needs bitsandbytes on a CUDA GPU."""
+    if optimizer == "adamw_8bit" and device.type != "cuda":
+        raise UserError("train.optimizer adamw_8bit runs on a CUDA GPU (bitsandbytes): use adamw on a CPU")
+    return _OPTIMIZERS[optimizer]
+
+
+def _evaluation_and_saving(cfg: TrainConfig, has_validation: bool, keep_best: bool) -> dict[str, Any]:
+    """When to evaluate and when to checkpoint; keeping the best checkpoint saves at every evaluation."""
+    eval_strategy = ("epoch" if cfg.eval_steps is None else "steps") if has_validation else "no"
+    save_strategy = "epoch" if cfg.save_steps is None else "steps"
+    save_steps = cfg.save_steps
+    if keep_best:
+        if cfg.save_steps is None:
+            save_strategy, save_steps = eval_strategy, cfg.eval_steps
+        elif cfg.eval_steps is None or cfg.save_steps % cfg.eval_steps:
+            raise UserError(
+                f"train.keep_best (and early stopping) pick a checkpoint by its validation loss, so "
+                f"train.save_steps ({cfg.save_steps}) must be a multiple of train.eval_steps "
+                f"({cfg.eval_steps}): set both, leave save_steps unset, or set keep_best: false"
+            )
+    return {
+        "eval_strategy": eval_strategy,
+        "eval_steps": cfg.eval_steps,
+        "save_strategy": save_strategy,
+        "save_steps": save_steps or 500,
+    }
+
+
 def training_arguments(
     cfg: TrainConfig,
     run: RunDir,
@@ -99,7 +131,7 @@ def training_arguments(
     """
     from transformers import TrainingArguments
 
-    per_epoch = cfg.eval_steps is None
+    keep_best = has_validation and (cfg.keep_best or cfg.early_stopping_patience is not None)
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         learning_rate=cfg.learning_rate,
@@ -109,16 +141,20 @@ def training_arguments(
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_kwargs={"num_cycles": cfg.lr_cycles}
+        if cfg.lr_scheduler == "cosine_with_restarts"
+        else {},
+        optim=optimizer_name(cfg.optimizer, device),
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
-        eval_strategy=("epoch" if per_epoch else "steps") if has_validation else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="epoch" if cfg.save_steps is None else "steps",
-        save_steps=cfg.save_steps or 500,
+        **_evaluation_and_saving(cfg, has_validation, keep_best),
         save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False if keep_best else None,
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
@@ -156,7 +192,7 @@ def train(
     """
     from transformers import PrinterCallback
 
-    from seektune.train.callbacks import DomainSampledTrainer
+    from seektune.train.callbacks import DomainSampledTrainer, TrainingHealthCallback
     from seektune.train.collate import collator_for
 
     device = next(model.parameters()).device
@@ -165,6 +201,7 @@ def train(
     packed = "position_ids" in train_set.column_names
     collator = collator_for(train_set, tokenizer)
     progress_callback = ProgressCallback()
+    health = TrainingHealthCallback(cfg.max_grad_norm_spike)
     sampler, reweight = _domain_reweighting(domain_weights, train_set, eval_set, collator, seed)
     trainer = DomainSampledTrainer(
         model=model,
@@ -172,7 +209,8 @@ def train(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        callbacks=[progress_callback] + ([reweight] if reweight else []),
+        callbacks=[progress_callback, health, *_early_stopping(cfg, eval_set)]
+        + ([reweight] if reweight else []),
         train_sampler=sampler,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
@@ -182,6 +220,11 @@ def train(
     finally:
         progress_callback.close()
     runtime = time.perf_counter() - started
+    if health.stopped_at is not None:
+        raise UserError(
+            f"training stopped at step {health.stopped_at}: the loss became {health.bad_loss}; lower "
+            "train.learning_rate, keep train.max_grad_norm clipping on, or check the data (data/report.md)"
+        )
     if reweight is not None:
         trainer.remove_callback(reweight)  # the final evaluation below no longer steers any training
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
@@ -225,6 +268,19 @@ def _domain_reweighting(
         raise ValueError("domain re-weighting needs a `source` column in the train and validation splits")
     sampler = WeightedDomainSampler(train_set.with_format("arrow")["source"], domain_weights, seed)
     return sampler, DomainReweightCallback(domain_weights, eval_set, collator)
+
+
+def _early_stopping(cfg: TrainConfig, eval_set: Any) -> list[Any]:
+    if cfg.early_stopping_patience is None:
+        return []
+    if eval_set is None:
+        raise UserError(
+            "train.early_stopping_patience watches the validation loss, but there is no validation split: "
+            "set data.validation_ratio above 0 or remove early_stopping_patience"
+        )
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)]
 
 
 def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
