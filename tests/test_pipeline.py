@@ -128,7 +128,7 @@ def test_early_stopping_ends_with_the_best_checkpoint(tmp_path, base_cache):
             "logging_steps": 2,
             "learning_rate": 0.05,
             "early_stopping_patience": 2,
-        },  # fmt: skip
+        },
         eval={"enabled": False},
     )
     run = run_pipeline(validate_config(raw))

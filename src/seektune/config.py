@@ -380,7 +380,8 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
     include_experts: bool = Field(
         False,
-        description="Also adapt the routed experts' fused weights (MoE models; PEFT target_parameters).",
+        description="Also adapt the routed experts' fused weights (MoE models, PEFT target_parameters; "
+        "needs dropout 0 and not DoRA).",
     )
 
 
