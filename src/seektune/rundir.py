@@ -286,10 +286,14 @@ def fingerprint_records(records: Iterable[Any]) -> str:
     """
     digest = hashlib.sha256()
     for record in records:
-        line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-        digest.update(line.encode("utf-8"))
-        digest.update(b"\n")
+        digest.update(fingerprint_line(record))
     return digest.hexdigest()
+
+
+def fingerprint_line(record: Any) -> bytes:
+    """One record's line in `fingerprint_records`: canonical JSON and a newline."""
+    line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return line.encode("utf-8") + b"\n"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from seektune.config import SourceConfig
 from seektune.data.formats import SHAPES_EXPECTED, InvalidRecord, MissingField, to_record_fields
 from seektune.data.records import RECORD_FEATURES, batch_rows, make_record
 from seektune.errors import UserError
+from seektune.rundir import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _write_records(plan: _Plan, on_error: str, records_file: Path, skips_file: P
                     batch = []
             if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-        _write_json_atomically(skips_file, dict(reasons))
+        atomic_write_json(skips_file, dict(reasons))
         os.replace(temporary, records_file)
     finally:
         temporary.unlink(missing_ok=True)
@@ -596,13 +597,6 @@ def _stamps(path: Path) -> tuple[tuple[Any, ...], ...]:
 def _stamp(path: Path) -> tuple[Any, ...]:
     stat = path.stat()
     return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
-def _write_json_atomically(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, sort_keys=True))
-    os.replace(temporary, path)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -39,7 +39,7 @@ from seektune.data.encode import (  # noqa: F401  (re-exported: the stage's publ
 from seektune.data.records import RECORD_FEATURES, batch_rows, column_values, record_text
 from seektune.errors import UserError
 from seektune.logs import log_event
-from seektune.rundir import atomic_write_json, atomic_write_jsonl
+from seektune.rundir import atomic_write_json, atomic_write_jsonl, fingerprint_line
 
 logger = logging.getLogger(__name__)
 
@@ -459,10 +459,7 @@ def _readable_rows(records: Dataset, split: str, digest: Any) -> Iterator[dict[s
     for batch in records.iter(batch_size=1000):
         for record in batch_rows(batch):
             row = readable_record(record)
-            line = json.dumps(
-                {"split": split, **row}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-            )
-            digest.update(line.encode("utf-8") + b"\n")
+            digest.update(fingerprint_line({"split": split, **row}))
             yield row
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from seektune.data.encode import IGNORE_INDEX
+from seektune.data.records import column_values
 from seektune.logs import log_event
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def domain_losses(model: Any, dataset: Any, collator: Any, batch_size: int) -> d
     the batch's summed loss; the domain's mean is summed loss over learnt tokens.
     """
     by_domain: dict[str, list[int]] = defaultdict(list)
-    for index, source in enumerate(dataset.with_format("arrow")["source"].to_pylist()):
+    for index, source in enumerate(column_values(dataset, "source")):
         by_domain[source].append(index)
     device = next(model.parameters()).device
     was_training = model.training
