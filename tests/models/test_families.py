@@ -246,10 +246,10 @@ def test_unknown_target_module_is_a_user_error(family_dirs: dict[str, Path]) -> 
         apply_method(loaded.model, method, loaded.family)
 
 
-@pytest.mark.parametrize("name", ["qlora", "prefix"])
-def test_unavailable_methods_are_user_errors(name: str) -> None:
-    with pytest.raises(UserError, match=f"'{name}' is not available.*full, freeze, lora, dora or adapter"):
-        apply_method(torch.nn.Linear(2, 2), MethodConfig(name=name), FAMILIES["llama"])
+def test_unavailable_methods_are_user_errors() -> None:
+    expected = r"'qlora' is not available.*full, freeze, lora, dora, adapter or prefix"
+    with pytest.raises(UserError, match=expected):
+        apply_method(torch.nn.Linear(2, 2), MethodConfig(name="qlora"), FAMILIES["llama"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")

@@ -27,6 +27,7 @@ from seektune.errors import UserError
 from seektune.models.adapters import is_adapter_folder, load_adapters
 from seektune.models.families import FamilyPreset, detect_family, ensure_chat_template
 from seektune.models.methods import count_parameters, load_adapter
+from seektune.models.prefix import is_prefix_folder, load_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         loaded = load_model(cfg.model_copy(update={"name_or_path": base}))
         if is_adapter_folder(Path(path)):
             loaded.model = load_adapters(loaded.model, Path(path))
+        elif is_prefix_folder(Path(path)):
+            loaded.model = load_prefix(loaded.model, Path(path))
         else:
             loaded.model = load_adapter(loaded.model, path)
         loaded.path = path

@@ -46,7 +46,7 @@ from seektune.models.families import FamilyPreset
 
 logger = logging.getLogger(__name__)
 
-AVAILABLE_METHODS = ("full", "freeze", "lora", "dora", "adapter")
+AVAILABLE_METHODS = ("full", "freeze", "lora", "dora", "adapter", "prefix")
 
 # Last name part of the module list that holds the decoder blocks (Llama/Qwen2/DeepSeek: model.layers,
 # GPT-2: transformer.h, others: blocks).
@@ -90,6 +90,10 @@ def apply_method(
         from seektune.models.adapters import apply_adapters
 
         model = apply_adapters(model, method.adapter)
+    elif method.name == "prefix":
+        from seektune.models.prefix import apply_prefix
+
+        model = apply_prefix(model, method.prefix)
     else:
         raise UserError(
             f"method.name {method.name!r} is not available in this version of seektune yet; "
