@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,15 @@ from support import TINY_RECIPE
 
 @pytest.fixture(scope="session")
 def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder holding the reduced base, built once per test session."""
+    """A cache folder holding the reduced base, built once per test session.
+
+    SEEKTUNE_TEST_BASE_CACHE names a folder to keep it in between sessions (for quick local reruns;
+    CI builds it afresh).
+    """
     from seektune.models.tiny import ensure_base
 
-    cache = tmp_path_factory.mktemp("seektune-cache")
+    kept = os.environ.get("SEEKTUNE_TEST_BASE_CACHE")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("seektune-cache")
     ensure_base(BaseBuildConfig(**TINY_RECIPE), cache)
     return cache
 

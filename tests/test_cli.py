@@ -40,7 +40,7 @@ def test_config_schema_is_json(capsys):
         (["run", "{cfg}", "--set", "tune.enabled=true"], "tune.enabled is true"),
         (["serve", "some-model"], "serving"),
         (["registry", "list"], "model registry"),
-        (["run", "{cfg}", "--set", "method.name=prefix"], "method.name 'prefix' is not available"),
+        (["run", "{cfg}", "--set", "method.name=prefix", "--set", "data.packing=true"], "data.packing"),
         (["train", "{cfg}", "--set", "method.name=qlora", "--set", "model.device=cpu"], "needs a CUDA GPU"),
     ],
 )

@@ -103,9 +103,10 @@ def test_quickstart_config_beats_the_base(tmp_path):
     [
         ({"name": "freeze", "freeze": {"train_layers": "-1:"}}, "model.safetensors"),
         ({"name": "adapter", "adapter": {"reduction_factor": 8}}, "adapters.safetensors"),
+        ({"name": "prefix", "prefix": {"num_virtual_tokens": 4}}, "prefix.safetensors"),
     ],
 )
-def test_freeze_and_adapter_runs_save_what_reloads(tmp_path, base_cache, method, artefact):
+def test_freeze_adapter_and_prefix_runs_save_what_reloads(tmp_path, base_cache, method, artefact):
     run = run_pipeline(validate_config(tiny_run_config(tmp_path, base_cache, method=method)))
     assert (run.path / "model" / artefact).is_file()
     metrics = json.loads(run.metrics_path.read_text())

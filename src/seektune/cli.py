@@ -62,12 +62,35 @@ def _done(run_dir: Path) -> None:
     typer.echo(f"run directory: {run_dir}")
 
 
-@app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Run the whole loop: data, base evaluation, fine-tuning, evaluation of the tuned model, report."""
-    from seektune.pipeline import run_pipeline
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the newest unfinished run of this name from its newest complete checkpoint "
+        "(in a new run directory).",
+    ),
+]
+ResumeNewDataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-new-data",
+        help="Resume even though the data changed: keep weights and optimizer, start the new data afresh.",
+    ),
+]
 
-    run_dir = run_pipeline(_load(config, set_)).path
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    resume_new_data: ResumeNewDataOpt = False,
+) -> None:
+    """Run the whole loop: data, base evaluation, fine-tuning, evaluation of the tuned model, report."""
+    from seektune.pipeline import TrainOptions, run_pipeline
+
+    options = TrainOptions(resume=resume, resume_new_data=resume_new_data)
+    run_dir = run_pipeline(_load(config, set_), options).path
     _done(run_dir)
     typer.echo(f"report: {run_dir / 'report.md'}")
 
@@ -89,11 +112,47 @@ def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def train(config: ConfigArg, set_: SetOpt = None) -> None:
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    resume_new_data: ResumeNewDataOpt = False,
+    profile: Annotated[
+        bool,
+        typer.Option("--profile", help="Run a few steps under torch.profiler and show where the time goes."),
+    ] = False,
+) -> None:
     """Prepare the data and fine-tune, without evaluation."""
-    from seektune.pipeline import run_train_stage
+    from seektune.pipeline import TrainOptions, run_train_stage
 
-    _done(run_train_stage(_load(config, set_)).path)
+    options = TrainOptions(resume=resume, resume_new_data=resume_new_data, profile=profile)
+    run_dir = run_train_stage(_load(config, set_), options).path
+    if profile:
+        from rich.console import Console
+
+        from seektune.train.profile import print_profile
+
+        print_profile(json.loads((run_dir / "profile" / "summary.json").read_text()), Console())
+        typer.echo(f"trace (Perfetto, chrome://tracing): {run_dir / 'profile' / 'trace.json'}")
+    _done(run_dir)
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    device_memory_gb: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Plan for a device with this much memory (GiB) instead of this machine's."),
+    ] = None,
+) -> None:
+    """Estimate parameters and memory of the configured training, from the model config alone."""
+    from rich.console import Console
+
+    from seektune.train.plan import estimate_plan, print_plan
+
+    memory = int(device_memory_gb * 2**30) if device_memory_gb is not None else None
+    print_plan(estimate_plan(_load(config, set_), device_memory=memory), Console())
 
 
 @app.command("eval")

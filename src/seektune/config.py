@@ -417,6 +417,18 @@ class AdapterConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the adapter.")
 
 
+class PrefixConfig(Section):
+    """Prefix tuning (method 'prefix'): trained key/value vectors prepended to every attention layer."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="Prefix length in key/value positions.")
+    projection: bool = Field(
+        True,
+        description="Train the prefix through a two-layer MLP (reparameterisation, more stable); the "
+        "saved prefix is the MLP's output either way.",
+    )
+    projection_hidden_size: int = Field(512, ge=1, description="Hidden width of that MLP.")
+
+
 class MethodConfig(Section):
     """How the model is fine-tuned."""
 
@@ -426,6 +438,7 @@ class MethodConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Settings of 'lora' and 'dora'.")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Settings of 'freeze'.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Settings of 'adapter'.")
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig, description="Settings of 'prefix'.")
 
 
 class TrainConfig(Section):
@@ -471,6 +484,16 @@ class TrainConfig(Section):
         100.0,
         gt=1,
         description="Warn when a step's gradient norm exceeds this many times the running median.",
+    )
+    resume: Literal["never", "auto"] = Field(
+        "never",
+        description="'auto': continue from the newest complete checkpoint of the newest run of the same "
+        "name and output_dir, when there is one (the CLI's --resume does the same once).",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides the run's log: TensorBoard (offline files in the run "
+        "directory), MLflow, Weights & Biases.",
     )
 
 

@@ -450,6 +450,10 @@ def _train_log_entry(state: Any, logs: dict[str, Any] | None) -> dict[str, Any]:
     return {"step": state.global_step, "epoch": state.epoch, **(logs or {})}
 
 
+# What the training progress bar shows of each log line, when present.
+_SHOWN_FIELDS = ("loss", "eval_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "peak_memory_gb")
+
+
 @functools.cache
 def _progress_callback_class() -> type[TrainerCallback]:
     from transformers import TrainerCallback
@@ -488,7 +492,7 @@ def _progress_callback_class() -> type[TrainerCallback]:
             entry = _train_log_entry(state, logs)
             self.history.append(entry)
             _TRAIN_LOGGER.debug("train_log", extra={"data": entry})
-            shown = {k: entry[k] for k in ("loss", "eval_loss") if isinstance(entry.get(k), (int, float))}
+            shown = {k: entry[k] for k in _SHOWN_FIELDS if isinstance(entry.get(k), (int, float))}
             if self._progress is not None and shown:
                 self._progress.update(**shown)
 

@@ -52,6 +52,10 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
             f"and model.device '{cfg.model.device}' has none here: use method.name lora (the same adapter "
             "on a full-precision base)"
         )
+    if cfg.method.name == "prefix":
+        from seektune.models.prefix import check_prefix_compatible
+
+        check_prefix_compatible(cfg.data)
     if cfg.method.name not in AVAILABLE_METHODS:
         raise UserError(
             f"method.name '{cfg.method.name}' is not available in this version of seektune yet: "
@@ -189,10 +193,54 @@ def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: A
         samples[index][which] = answer["answer"]
 
 
-def _train(state: RunContext, loaded: Any, data: Any, domain_weights: Any = None) -> Any:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How the CLI asked to train: resume from a checkpoint, accept changed data, or only profile."""
+
+    resume: bool = False
+    resume_new_data: bool = False
+    profile: bool = False
+
+
+def _resume_checkpoint(cfg: SeektuneConfig, options: TrainOptions) -> Any:
+    """The checkpoint to continue from (checked against model and method), or None to start afresh."""
+    if options.profile or not (options.resume or options.resume_new_data or cfg.train.resume == "auto"):
+        return None
+    from seektune.train.checkpoints import check_identity, checkpoint_identity, find_resume_checkpoint
+
+    checkpoint = find_resume_checkpoint(cfg.output_dir, cfg.name)
+    if checkpoint is None:
+        if options.resume or options.resume_new_data:
+            raise UserError(
+                f"nothing to resume: no unfinished run named {cfg.name!r} in {cfg.output_dir} has a "
+                "complete checkpoint; run without --resume to start a new run"
+            )
+        log_event(logger, "train.resume auto: no checkpoint to resume, starting a new run")
+        return None
+    check_identity(checkpoint, checkpoint_identity(cfg, None), allow_new_data=False)
+    return checkpoint
+
+
+def _train(
+    state: RunContext,
+    loaded: Any,
+    data: Any,
+    domain_weights: Any = None,
+    checkpoint: Any = None,
+    options: TrainOptions | None = None,
+) -> Any:
     from seektune.models.methods import apply_method
+    from seektune.train.checkpoints import ResumePoint, check_identity, checkpoint_identity
     from seektune.train.trainer import train
 
+    options = options or TrainOptions()
+    identity = checkpoint_identity(state.cfg, data.report.get("fingerprint"))
+    resume = None
+    if checkpoint is not None:
+        new_data = check_identity(checkpoint, identity, allow_new_data=options.resume_new_data)
+        resume = ResumePoint(checkpoint, int(checkpoint.name.rsplit("-", 1)[1]), new_data)
+        state.summary["run"]["resumed_from"] = str(checkpoint)
+        log_event(logger, "resuming", checkpoint=str(checkpoint), new_data=new_data)
     model, trainable = apply_method(loaded.model, state.cfg.method, loaded.family)
     result = train(
         state.cfg.train,
@@ -202,10 +250,19 @@ def _train(state: RunContext, loaded: Any, data: Any, domain_weights: Any = None
         state.run,
         state.cfg.seed,
         domain_weights=domain_weights,
+        checkpoint_identity=identity,
+        resume=resume,
+        profile=options.profile,
     )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
+    if result.profile is not None:
+        state.summary["profile"] = result.profile
+        state.run.write_json("profile/summary.json", result.profile)
+        state.run.update_metrics("profile", result.profile)
+        return model
     state.summary["train"] = {**result.summary(), "history": result.history, **counts}
-    state.run.update_metrics("train", {**result.scores(), **counts})
+    resumed = {"resumed_from": result.resumed_from} if result.resumed_from else {}
+    state.run.update_metrics("train", {**result.scores(), **counts, **resumed})
     state.run.update_metrics("timing", result.timing())
     state.run.write_json("train/history.json", result.history)
     return model
@@ -257,9 +314,11 @@ def improvement(base: dict[str, float], tuned: dict[str, float]) -> dict[str, fl
 # Entry points (the CLI calls these)
 
 
-def run_pipeline(cfg: SeektuneConfig) -> RunDir:
+def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """The whole loop: data, base evaluation, training, tuned evaluation, report."""
     check_stages_available(cfg)
+    options = options or TrainOptions()
+    checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "run") as state:
         data = _prepare(state, _tokenizer(cfg))  # bad data stops before any weight is loaded
         if cfg.eval.enabled:
@@ -268,7 +327,7 @@ def run_pipeline(cfg: SeektuneConfig) -> RunDir:
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate(state, "base", loaded.model, loaded.tokenizer, data)
-        model = _train(state, loaded, data, weights)
+        model = _train(state, loaded, data, weights, checkpoint, options)
         if cfg.eval.enabled:
             _evaluate(state, "tuned", model, loaded.tokenizer, data)
         _finish(state)
@@ -283,14 +342,16 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
     return state.run
 
 
-def run_train_stage(cfg: SeektuneConfig) -> RunDir:
-    """Prepare the data and train, without evaluation."""
+def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
+    """Prepare the data and train, without evaluation (or, with `options.profile`, profile a few steps)."""
     check_stages_available(cfg)
+    options = options or TrainOptions()
+    checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "train") as state:
         data = _prepare(state, _tokenizer(cfg))
         weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
-        _train(state, loaded, data, weights)
+        _train(state, loaded, data, weights, checkpoint, options)
         _finish(state)
     return state.run
 

@@ -107,8 +107,9 @@ def test_packed_collator_pads_rows_as_a_separate_sequence_without_attention_mask
         {"input_ids": [21, 22], "labels": [-100, 22], "position_ids": [0, 1], "length": 2, "source": "x"},
     ]
     batch = PackedCollator(pad_token_id=PAD)(rows)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache", "num_real_tokens"}
     assert batch["use_cache"] is False
+    assert batch["num_real_tokens"] == 6  # the two padding positions are not counted
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14], [21, 22, PAD, PAD]]
     assert batch["labels"].tolist() == [[-100, 12, -100, 14], [-100, 22, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
@@ -121,7 +122,8 @@ def test_padding_collator_drops_extra_columns_and_pads_labels(tiny_pad_tokenizer
         {"input_ids": [21], "labels": [-100], "length": 1, "source": "code"},
     ]
     batch = PaddingCollator(tiny_pad_tokenizer)(features)
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "num_real_tokens"}
+    assert batch["num_real_tokens"] == 4
     assert batch["input_ids"].tolist() == [[11, 12, 13], [21, PAD, PAD]]
     assert batch["labels"].tolist() == [[-100, 12, 13], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -222,4 +224,5 @@ def test_packed_loss_equals_unpacked_loss(family: str, attention: str):
 
 def _packed_loss(model, rows: Dataset) -> float:
     batch = PackedCollator(PAD)(list(rows))
+    del batch["num_real_tokens"]
     return float(_summed_loss(model(**batch).logits, batch["labels"]))

@@ -19,6 +19,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from seektune.data.encode import IGNORE_INDEX
 from seektune.data.records import column_values
 from seektune.logs import log_event
+from seektune.train.collate import REAL_TOKENS_KEY
 
 if TYPE_CHECKING:
     from seektune.data.mix import DomainWeights
@@ -165,7 +167,12 @@ class DomainSampledTrainer(Trainer):
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    """The model's inputs of a collated batch on `device` (without the collator's token count)."""
+    return {
+        key: value.to(device) if torch.is_tensor(value) else value
+        for key, value in batch.items()
+        if key != REAL_TOKENS_KEY
+    }
 
 
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
@@ -216,3 +223,24 @@ class TrainingHealthCallback(TrainerCallback):
                 )
         if math.isfinite(norm):
             self.norms.append(norm)
+
+
+class OptimizerStateCallback(TrainerCallback):
+    """Loads a checkpoint's optimizer state when training starts (resuming onto new data).
+
+    `Trainer.train(resume_from_checkpoint=...)` restores the optimizer together with the schedule, the RNG
+    and the data position; with new data only the weights and the optimizer's moments carry over, so the
+    optimizer state is loaded here, once the Trainer has built the optimizer.
+    """
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = Path(checkpoint)
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        path = self.checkpoint / "optimizer.pt"
+        if optimizer is None or not path.is_file():
+            logger.warning("no optimizer state in %s: the optimizer starts afresh", self.checkpoint)
+            return
+        optimizer.load_state_dict(torch.load(path, map_location=args.device, weights_only=True))

@@ -11,7 +11,8 @@ model whose config has `use_cache=True` (the default) builds one even for a plai
 packed batch says `use_cache=False` itself (the Trainer also sets it, but evaluation code may not).
 
 Both collators keep only what the model takes (`input_ids`, `labels`, `position_ids`), so a dataset may
-carry `length`, `source` and other columns for samplers and reports.
+carry `length`, `source` and other columns for samplers and reports, and add `num_real_tokens` (the batch's
+non-padding tokens), which `seektune.train.loop.SeektuneTrainer` counts and removes before the forward pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from seektune.data.encode import IGNORE_INDEX
 
 UNPACKED_KEYS = ("input_ids", "labels")
+REAL_TOKENS_KEY = "num_real_tokens"
 
 
 class PaddingCollator:
@@ -33,8 +35,10 @@ class PaddingCollator:
 
         self._pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self._pad([{key: feature[key] for key in UNPACKED_KEYS} for feature in features])
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._pad([{key: feature[key] for key in UNPACKED_KEYS} for feature in features])
+        batch[REAL_TOKENS_KEY] = sum(len(feature["input_ids"]) for feature in features)
+        return batch
 
 
 class PackedCollator:
@@ -57,7 +61,13 @@ class PackedCollator:
             position_ids[row, :size] = torch.as_tensor(feature["position_ids"])
             position_ids[row, size:] -= size
         # A key-value cache would hide the packing from transformers' mask builder (see module docstring).
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "use_cache": False,
+            REAL_TOKENS_KEY: sum(len(feature["input_ids"]) for feature in features),
+        }
 
 
 def collator_for(train_set: Any, tokenizer: Any) -> PaddingCollator | PackedCollator:

@@ -3,13 +3,16 @@
 seektune's part is the mapping from the `train` config section to `TrainingArguments` (with the choices
 that are right on this hardware: fp32 and no gradient checkpointing on a CPU, bf16 where the GPU has it),
 the choice of collator (padded examples, or packed rows: `seektune.train.collate`), the optional
-re-weighting of domains from their validation loss (`seektune.train.callbacks`), the record of the loss
-history for the report, and saving the final artefact (adapter or full model, with the tokenizer) into the
-run directory.
+re-weighting of domains from their validation loss (`seektune.train.callbacks`), resuming from a complete
+checkpoint (`seektune.train.checkpoints`), throughput and MFU in the logs (`seektune.train.throughput`),
+where metrics go (TensorBoard files in the run directory, MLflow, W&B), a profiled run of a few steps
+(`seektune.train.profile`), the record of the loss history for the report, and saving the final artefact
+(adapter or full model, with the tokenizer) into the run directory.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -24,10 +27,18 @@ from seektune.config import TrainConfig
 from seektune.errors import UserError
 from seektune.logs import ProgressCallback, log_event
 from seektune.rundir import RunDir
+from seektune.train.throughput import (
+    ThroughputMeter,
+    device_peak_flops,
+    peak_memory_bytes,
+    precision_key,
+    training_flops_per_token,
+)
 
 if TYPE_CHECKING:
     from seektune.data.mix import DomainWeights
     from seektune.data.prepare import PreparedData
+    from seektune.train.checkpoints import ResumePoint
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +53,12 @@ class TrainResult:
     eval_loss: float | None = None
     runtime_s: float = 0.0
     tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_memory_gb: float | None = None
     steps: int = 0
     domain_shares: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+    profile: dict[str, Any] | None = None
 
     def scores(self) -> dict[str, Any]:
         """What the same config and seed reproduce exactly."""
@@ -51,7 +66,12 @@ class TrainResult:
 
     def timing(self) -> dict[str, Any]:
         """What depends on the machine and its load."""
-        return {"train_runtime_s": round(self.runtime_s, 2), "train_tokens_per_s": self.tokens_per_s}
+        return {
+            "train_runtime_s": round(self.runtime_s, 2),
+            "train_tokens_per_s": self.tokens_per_s,
+            "train_mfu": self.mfu,
+            "train_peak_memory_gb": self.peak_memory_gb,
+        }
 
     def summary(self) -> dict[str, Any]:
         """Everything, for the report."""
@@ -59,8 +79,11 @@ class TrainResult:
             **self.scores(),
             "runtime_s": round(self.runtime_s, 2),
             "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "peak_memory_gb": self.peak_memory_gb,
             "model_dir": str(self.model_dir),
             "domain_shares": self.domain_shares,
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -123,20 +146,28 @@ def training_arguments(
     device: torch.device,
     has_validation: bool,
     packed: bool = False,
+    profile: bool = False,
 ):
     """The `TrainingArguments` of one run, from the `train` section.
 
     Unpacked examples are batched by similar length (`group_by_length`, lengths from the `length` column);
-    packed rows are nearly all of one length, so they are drawn at random.
+    packed rows are nearly all of one length, so they are drawn at random. A profiled run trains
+    `PROFILE_STEPS` steps and neither evaluates nor saves.
     """
     from transformers import TrainingArguments
 
+    from seektune.train.profile import PROFILE_STEPS
+
     keep_best = has_validation and (cfg.keep_best or cfg.early_stopping_patience is not None)
+    schedule = _evaluation_and_saving(cfg, has_validation, keep_best)
+    if profile:
+        keep_best = False
+        schedule = {"eval_strategy": "no", "save_strategy": "no"}
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
+        max_steps=PROFILE_STEPS if profile else cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -150,7 +181,7 @@ def training_arguments(
         max_grad_norm=cfg.max_grad_norm,
         activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
-        **_evaluation_and_saving(cfg, has_validation, keep_best),
+        **schedule,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=keep_best,
         metric_for_best_model="eval_loss" if keep_best else None,
@@ -158,7 +189,8 @@ def training_arguments(
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
-        report_to="none",
+        report_to=[name for name in cfg.report_to if name != "tensorboard"] or "none",
+        run_name=run.path.name,
         disable_tqdm=True,
         remove_unused_columns=False,
         train_sampling_strategy="random" if packed else "group_by_length",
@@ -184,16 +216,23 @@ def train(
     run: RunDir,
     seed: int,
     domain_weights: DomainWeights | None = None,
+    checkpoint_identity: dict[str, Any] | None = None,
+    resume: ResumePoint | None = None,
+    profile: bool = False,
 ) -> TrainResult:
     """Fine-tune `model` on the prepared training split; save the result to `<run>/model`.
 
     With `domain_weights`, training examples are drawn by domain (`source` column) at the current shares,
-    which are updated from the per-domain validation loss after every evaluation.
+    which are updated from the per-domain validation loss after every evaluation. With `resume`, training
+    continues from that checkpoint (weights, optimizer, scheduler, RNG and data position), or with new
+    data keeps the weights and optimizer and starts the data and schedule afresh. With `profile`, a few
+    steps run under the profiler and nothing is saved (`TrainResult.profile`).
     """
     from transformers import PrinterCallback
 
-    from seektune.train.callbacks import DomainSampledTrainer, TrainingHealthCallback
+    from seektune.train.callbacks import TrainingHealthCallback
     from seektune.train.collate import collator_for
+    from seektune.train.loop import SeektuneTrainer
 
     device = next(model.parameters()).device
     train_set = _dataset(data.tokenized["train"])
@@ -203,20 +242,30 @@ def train(
     progress_callback = ProgressCallback()
     health = TrainingHealthCallback(cfg.max_grad_norm_spike)
     sampler, reweight = _domain_reweighting(domain_weights, train_set, eval_set, collator, seed)
-    trainer = DomainSampledTrainer(
+    args = training_arguments(cfg, run, seed, device, eval_set is not None and not profile, packed, profile)
+    meter = _meter(model, args, data, device)
+    extra = [*_reporting_callbacks(cfg, run), *_early_stopping(cfg, eval_set if not profile else None)]
+    profiler = None
+    if profile:
+        from seektune.train.profile import ProfilerCallback
+
+        profiler = ProfilerCallback(run.path / "profile" / "trace.json", device)
+        extra.append(profiler)
+    trainer = SeektuneTrainer(
         model=model,
-        args=training_arguments(cfg, run, seed, device, eval_set is not None, packed),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        callbacks=[progress_callback, health, *_early_stopping(cfg, eval_set)]
-        + ([reweight] if reweight else []),
+        callbacks=[progress_callback, health, *extra] + ([reweight] if reweight else []),
         train_sampler=sampler,
+        checkpoint_identity=checkpoint_identity or {},
+        meter=meter,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
     started = time.perf_counter()
     try:
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=_resume_argument(trainer, resume))
     finally:
         progress_callback.close()
     runtime = time.perf_counter() - started
@@ -225,26 +274,84 @@ def train(
             f"training stopped at step {health.stopped_at}: the loss became {health.bad_loss}; lower "
             "train.learning_rate, keep train.max_grad_norm clipping on, or check the data (data/report.md)"
         )
-    if reweight is not None:
-        trainer.remove_callback(reweight)  # the final evaluation below no longer steers any training
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-    model_dir = _save_final(trainer, tokenizer, run)
-    epochs_done = (
-        output.global_step * cfg.batch_size * cfg.gradient_accumulation_steps / max(len(train_set), 1)
-    )
-    tokens = data.report["train_tokens"] * epochs_done
+    overall = meter.overall()
     result = TrainResult(
-        model_dir=model_dir,
+        model_dir=run.path / "model",
         history=_history(trainer.state.log_history),
         train_loss=round(output.training_loss, 4),
-        eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
         runtime_s=runtime,
-        tokens_per_s=round(tokens / runtime, 1) if runtime > 0 else None,
+        tokens_per_s=overall.get("tokens_per_s"),
+        mfu=overall.get("mfu"),
+        peak_memory_gb=round(peak_memory_bytes(device) / 2**30, 3),
         steps=output.global_step,
         domain_shares=reweight.history if reweight is not None else [],
+        resumed_from=str(resume.checkpoint) if resume is not None else None,
     )
+    if profiler is not None:
+        result.profile = profiler.summary
+        return result
+    if reweight is not None:
+        trainer.remove_callback(reweight)  # the final evaluation below no longer steers any training
+    if eval_set is not None:
+        result.eval_loss = round(trainer.evaluate()["eval_loss"], 4)
+    _save_final(trainer, tokenizer, run)
     log_event(logger, "training finished", **result.summary())
     return result
+
+
+def _meter(model: Any, args: Any, data: PreparedData, device: torch.device) -> ThroughputMeter:
+    """Real-token throughput and MFU of this model on this device (at the training precision)."""
+    precision = (
+        "bf16" if args.bf16 else "fp16" if args.fp16 else precision_key(next(model.parameters()).dtype)
+    )
+    examples = (data.report.get("splits") or {}).get("train") or 1
+    mean_length = data.report.get("train_tokens", 0) / examples or 512  # attention spans one example
+    return ThroughputMeter(
+        training_flops_per_token(model, int(mean_length)),
+        device_peak_flops(device, precision),
+        device,
+        world=max(args.world_size, 1),
+    )
+
+
+def _resume_argument(trainer: Any, resume: ResumePoint | None) -> str | None:
+    """`resume_from_checkpoint` for the Trainer; with new data, load weights and optimizer ourselves."""
+    if resume is None:
+        return None
+    if not resume.new_data:
+        return str(resume.checkpoint)
+    from seektune.train.callbacks import OptimizerStateCallback
+
+    trainer._load_from_checkpoint(str(resume.checkpoint))  # weights (full model or adapter), as on resume
+    trainer.add_callback(OptimizerStateCallback(resume.checkpoint))
+    log_event(
+        logger,
+        "new data: weights and optimizer kept, data and schedule start afresh",
+        checkpoint=str(resume.checkpoint),
+    )
+    return None
+
+
+def _reporting_callbacks(cfg: TrainConfig, run: RunDir) -> list[Any]:
+    """TensorBoard writing into `<run>/logs/tensorboard`; MLflow and W&B set up to stay in the run."""
+    callbacks = []
+    if "tensorboard" in cfg.report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = str(run.logs_dir / "tensorboard")
+        callbacks.append(board)
+    for name, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if name in cfg.report_to and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"train.report_to names {name} but the {package} package is not installed: "
+                f"pip install {package}, or remove {name} from train.report_to"
+            )
+    if "mlflow" in cfg.report_to:  # a local store inside the run unless the user points elsewhere
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (run.logs_dir / "mlruns").resolve().as_uri())
+    if "wandb" in cfg.report_to:
+        os.environ.setdefault("WANDB_DIR", str(run.logs_dir))
+    return callbacks
 
 
 def _domain_reweighting(
@@ -293,6 +400,10 @@ def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
         from seektune.models.adapters import save_adapters
 
         save_adapters(trainer.model, partial, adapter_cfg)
+    elif getattr(trainer.model, "seektune_prefix_config", None) is not None:  # prefix keys and values
+        from seektune.models.prefix import save_prefix
+
+        save_prefix(trainer.model, partial)
     else:
         trainer.save_model(str(partial))
     tokenizer.save_pretrained(str(partial))
@@ -301,7 +412,17 @@ def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
 
 
 def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+    keep = (
+        "step",
+        "epoch",
+        "loss",
+        "eval_loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "peak_memory_gb",
+    )
     rows = []
     for entry in log_history:
         if "loss" in entry or "eval_loss" in entry:
