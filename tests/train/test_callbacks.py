@@ -9,9 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from tinyllama import EASY_TOKEN, VOCAB, domain_split, llama
 
 from seektune.config import TrainConfig
 from seektune.data.mix import DomainWeights
@@ -26,59 +24,6 @@ from seektune.train.callbacks import (
 )
 from seektune.train.collate import PaddingCollator
 from seektune.train.trainer import train
-
-VOCAB = 64
-PAD = 7
-EASY_TOKEN = 10
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
-        pad_token=f"t{PAD}",
-        eos_token="t2",
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    return _llama()
-
-
-def _llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-    )
-    return AutoModelForCausalLM.from_config(config).float()
-
-
-def _split(sizes: dict[str, int], seed: int = 0) -> Dataset:
-    """Unpacked examples of each domain; 'easy' repeats one token, the others are random tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = {"input_ids": [], "labels": [], "length": [], "source": []}
-    for domain, count in sizes.items():
-        for _ in range(count):
-            size = int(torch.randint(4, 10, (1,), generator=generator))
-            if domain == "easy":
-                ids = [EASY_TOKEN] * size
-            else:
-                ids = torch.randint(8, VOCAB, (size,), generator=generator).tolist()
-            rows["input_ids"].append(ids)
-            rows["labels"].append([-100, *ids[1:]])
-            rows["length"].append(size)
-            rows["source"].append(domain)
-    return Dataset.from_dict(rows)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Sampler
@@ -125,7 +70,7 @@ def test_sampler_reads_updated_shares_mid_epoch():
 
 
 def test_domain_losses_equal_the_token_mean_per_domain(tiny_llama, tokenizer):
-    dataset = _split({"easy": 3, "hard": 5})
+    dataset = domain_split({"easy": 3, "hard": 5})
     losses = domain_losses(tiny_llama, dataset, PaddingCollator(tokenizer), batch_size=2)
     expected = {}
     with torch.no_grad():
@@ -161,7 +106,7 @@ class _FavoursOneToken(torch.nn.Module):
 
 def test_callback_moves_weight_to_the_domain_with_higher_validation_loss(tokenizer, caplog):
     weights = DomainWeights({"easy": 0.5, "hard": 0.5}, step=1.0, min_share=0.05)
-    validation = _split({"easy": 4, "hard": 4})
+    validation = domain_split({"easy": 4, "hard": 4})
     callback = DomainReweightCallback(weights, validation, PaddingCollator(tokenizer))
     args = SimpleNamespace(eval_batch_size=3)
     with caplog.at_level(logging.INFO, logger="seektune"):
@@ -181,7 +126,7 @@ def test_callback_moves_weight_to_the_domain_with_higher_validation_loss(tokeniz
 def test_trainer_draws_training_batches_from_the_given_sampler(tiny_llama, tokenizer, tmp_path):
     from transformers import TrainingArguments
 
-    train_set = _split({"easy": 6, "hard": 6})
+    train_set = domain_split({"easy": 6, "hard": 6})
     only_easy = WeightedDomainSampler(
         train_set["source"], SimpleNamespace(shares={"easy": 1.0, "hard": 0.0}), seed=0
     )
@@ -200,7 +145,10 @@ def test_trainer_draws_training_batches_from_the_given_sampler(tiny_llama, token
 
 def test_train_with_domain_weights_records_the_shares(tokenizer, tmp_path):
     data = SimpleNamespace(  # what train() reads of PreparedData
-        tokenized={"train": _split({"easy": 8, "hard": 8}), "validation": _split({"easy": 3, "hard": 3}, 1)},
+        tokenized={
+            "train": domain_split({"easy": 8, "hard": 8}),
+            "validation": domain_split({"easy": 3, "hard": 3}, 1),
+        },
         report={"train_tokens": 100},
     )
     cfg = TrainConfig(
@@ -208,7 +156,7 @@ def test_train_with_domain_weights_records_the_shares(tokenizer, tmp_path):
     )
     weights = DomainWeights({"easy": 0.5, "hard": 0.5}, step=1.0, min_share=0.05)
     run = RunDir.create(tmp_path, "t")
-    result = train(cfg, _llama(), tokenizer, data, run, seed=0, domain_weights=weights)
+    result = train(cfg, llama(), tokenizer, data, run, seed=0, domain_weights=weights)
     assert [entry["step"] for entry in result.domain_shares] == [0, 1, 2]
     for before, after in zip(result.domain_shares, result.domain_shares[1:], strict=False):
         losses, gain = after["losses"], after["shares"]["hard"] - before["shares"]["hard"]
@@ -220,16 +168,16 @@ def test_train_with_domain_weights_records_the_shares(tokenizer, tmp_path):
 
 def test_train_with_domain_weights_refuses_packed_rows_and_a_missing_validation_split(tokenizer, tmp_path):
     weights = DomainWeights({"easy": 0.5, "hard": 0.5}, step=1.0, min_share=0.05)
-    examples = _split({"easy": 4, "hard": 4})
+    examples = domain_split({"easy": 4, "hard": 4})
     cfg = TrainConfig(max_steps=1, precision="fp32")
     run = RunDir.create(tmp_path, "t")
     no_validation = SimpleNamespace(
         tokenized={"train": examples, "validation": []}, report={"train_tokens": 1}
     )
     with pytest.raises(UserError, match=r"set data\.validation_ratio above 0"):
-        train(cfg, _llama(), tokenizer, no_validation, run, seed=0, domain_weights=weights)
+        train(cfg, llama(), tokenizer, no_validation, run, seed=0, domain_weights=weights)
     packed = SimpleNamespace(
         tokenized={"train": pack_dataset(examples, 32)[0], "validation": examples}, report={"train_tokens": 1}
     )
     with pytest.raises(UserError, match=r"turn off data\.packing"):
-        train(cfg, _llama(), tokenizer, packed, run, seed=0, domain_weights=weights)
+        train(cfg, llama(), tokenizer, packed, run, seed=0, domain_weights=weights)

@@ -79,7 +79,7 @@ class ProfilerCallback(TrainerCallback):
 
 def summarize(averages: Any, device: torch.device) -> dict[str, Any]:
     """Phase shares of the recorded steps and the top operators by their own time."""
-    step_us = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep#"))
+    step_us = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep"))
     phases = {
         phase: sum(e.cpu_time_total for e in averages if e.key.startswith(prefixes))
         for phase, prefixes in _PHASE_PREFIXES.items()
@@ -121,7 +121,10 @@ def _is_collective(name: str) -> bool:
 
 
 def _is_range(name: str) -> bool:
-    return name.startswith(("ProfilerStep#", "seektune::", "enumerate(DataLoader)", "Optimizer."))
+    """Named ranges and autograd's per-node wrappers: they hold operators, they are not operators."""
+    return name.startswith(
+        ("ProfilerStep", "seektune::", "enumerate(DataLoader)", "Optimizer.", "autograd::engine::")
+    )
 
 
 def _self_time(event: Any, on_gpu: bool) -> float:

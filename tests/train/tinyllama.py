@@ -1,0 +1,56 @@
+"""A tiny word-level tokenizer, a tiny Llama and domain-labelled examples, for training tests."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+VOCAB = 64
+PAD = 7
+EASY_TOKEN = 10
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Tokens t0 .. t63, pad t7, eos t2."""
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
+        pad_token=f"t{PAD}",
+        eos_token="t2",
+    )
+
+
+def llama():
+    """A seeded two-block Llama (hidden 32, 4 heads, 2 key-value heads), untied head."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+    )
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def domain_split(sizes: dict[str, int], seed: int = 0) -> Dataset:
+    """Unpacked examples of each domain; 'easy' repeats one token, the others are random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "labels": [], "length": [], "source": []}
+    for domain, count in sizes.items():
+        for _ in range(count):
+            size = int(torch.randint(4, 10, (1,), generator=generator))
+            if domain == "easy":
+                ids = [EASY_TOKEN] * size
+            else:
+                ids = torch.randint(8, VOCAB, (size,), generator=generator).tolist()
+            rows["input_ids"].append(ids)
+            rows["labels"].append([-100, *ids[1:]])
+            rows["length"].append(size)
+            rows["source"].append(domain)
+    return Dataset.from_dict(rows)
