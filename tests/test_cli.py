@@ -41,6 +41,7 @@ def test_config_schema_is_json(capsys):
         (["serve", "some-model"], "serving"),
         (["registry", "list"], "model registry"),
         (["run", "{cfg}", "--set", "method.name=prefix", "--set", "data.packing=true"], "data.packing"),
+        (["train", "{cfg}", "--set", "method.name=bogus"], "method.name"),
         (["train", "{cfg}", "--set", "method.name=qlora", "--set", "model.device=cpu"], "needs a CUDA GPU"),
     ],
 )

@@ -5,6 +5,11 @@ stops a run before any weight is loaded) → load the base → evaluate the base
 → train → evaluate the tuned model → report. Each stage is a plain function of its own config section and
 the artefacts of earlier stages. A run that fails records the error in its run directory
 (`status.json`) before the error reaches the user.
+
+Under a launcher (`torchrun`, `accelerate launch`) every process runs the same stages in one run
+directory: rank 0 creates it, prepares the data and writes every file (config, status, metrics, logs,
+report, evaluation); the others wait for the data and load it, train with it (the Trainer synchronises
+them) and log to the console at warning level only (`seektune.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from seektune.config import SeektuneConfig, config_to_yaml
+from seektune.distributed import (
+    barrier,
+    broadcast_from_main,
+    is_main_process,
+    shards_parameters,
+    start_process_group,
+    world_size,
+)
 from seektune.errors import UserError
 from seektune.logs import attach_run_logs, detach_run_logs, log_event
 from seektune.rundir import RunDir, environment_info
@@ -44,8 +57,6 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
                 f"{section}.enabled is true but {what} is not available in this version of seektune "
                 f"yet: set {section}.enabled: false"
             )
-    from seektune.models.methods import AVAILABLE_METHODS
-
     if cfg.method.name == "qlora" and not _has_cuda(cfg.model.device):
         raise UserError(
             "method.name qlora loads the base in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
@@ -56,11 +67,6 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
         from seektune.models.prefix import check_prefix_compatible
 
         check_prefix_compatible(cfg.data)
-    if cfg.method.name not in AVAILABLE_METHODS:
-        raise UserError(
-            f"method.name '{cfg.method.name}' is not available in this version of seektune yet: "
-            f"use {', '.join(AVAILABLE_METHODS)}"
-        )
 
 
 def _has_cuda(device: str) -> bool:
@@ -80,14 +86,50 @@ class RunContext:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_launch(cfg: SeektuneConfig, command: str) -> None:
+    """Refuse, before anything runs, what several processes cannot do together."""
+    if world_size() < 2:
+        return
+    if cfg.model.device.startswith("cuda:"):
+        raise UserError(
+            f"model.device is {cfg.model.device!r}, which puts every process of this {world_size()}-process "
+            "launch on one GPU: set model.device: auto (each process takes the GPU of its LOCAL_RANK)"
+        )
+    evaluates = command == "eval" or (command == "run" and cfg.eval.enabled)
+    if evaluates and shards_parameters():
+        raise UserError(
+            "the evaluation runs in one process, but under FSDP or DeepSpeed ZeRO-3 each process holds only "
+            "a shard of the weights: launch `seektune train` instead and evaluate its run directory in one "
+            "process (seektune eval --model <run dir>), or set eval.enabled: false"
+        )
+
+
+def _shared_run_dir(cfg: SeektuneConfig) -> RunDir:
+    """The run directory: rank 0 creates it and every other process is given its path."""
+    run = RunDir.create(cfg.output_dir, cfg.name) if is_main_process() else None
+    return RunDir(broadcast_from_main(run.path if run is not None else None))
+
+
 @contextmanager
 def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunContext]:
-    """Create the run directory, record config and environment, and mark the run's outcome."""
-    run = RunDir.create(cfg.output_dir, cfg.name)
-    run.write_text("config.yaml", config_to_yaml(cfg))
-    run.write_json("environment.json", environment_info(cfg.seed))  # rewritten with the device once known
-    attach_run_logs(run.logs_dir)
-    run.mark_status("running", stage=command)
+    """Create the run directory, record config and environment, and mark the run's outcome.
+
+    Under a launcher the process group is joined first; only rank 0 writes, and the other processes
+    log warnings and errors only.
+    """
+    start_process_group(cpu=not _has_cuda(cfg.model.device))
+    _check_launch(cfg, command)
+    run = _shared_run_dir(cfg)
+    main = is_main_process()
+    package_logger = logging.getLogger("seektune")
+    quiet_from = package_logger.level
+    if main:
+        run.write_text("config.yaml", config_to_yaml(cfg))
+        run.write_json("environment.json", environment_info(cfg.seed))  # rewritten with the device later
+        attach_run_logs(run.logs_dir)
+        run.mark_status("running", stage=command)
+    else:
+        package_logger.setLevel(logging.WARNING)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state = RunContext(
         run=run,
@@ -99,23 +141,29 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunContext]:
                 "started_at": started,
                 "seed": cfg.seed,
                 "command_verb": _VERBS[command],
+                "processes": world_size(),
             }
         },
     )
-    log_event(logger, "run started", run_dir=str(run.path), command=command)
+    log_event(logger, "run started", run_dir=str(run.path), command=command, processes=world_size())
     try:
         yield state
     except BaseException as exc:
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        run.mark_status("failed", stage=command, error=message or type(exc).__name__)
+        if main:
+            run.mark_status("failed", stage=command, error=message or type(exc).__name__)
         log_event(logger, "run failed", run_dir=str(run.path), error=message)
         raise
     else:
         state.summary["run"]["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        run.mark_status("completed", stage=command)
+        if main:
+            run.mark_status("completed", stage=command)
         log_event(logger, "run finished", run_dir=str(run.path))
     finally:
-        detach_run_logs()
+        if main:
+            detach_run_logs()
+        else:
+            package_logger.setLevel(quiet_from)
 
 
 def _load_base(state: RunContext):
@@ -124,8 +172,9 @@ def _load_base(state: RunContext):
     from seektune.models.load import load_model
 
     set_seed(state.cfg.seed)
-    loaded = load_model(state.cfg.model)
-    state.run.write_json("environment.json", environment_info(state.cfg.seed, str(loaded.device)))
+    loaded = load_model(state.cfg.model, four_bit=state.cfg.method.name == "qlora")
+    if is_main_process():
+        state.run.write_json("environment.json", environment_info(state.cfg.seed, str(loaded.device)))
     state.summary["run"].update(
         model=state.cfg.model.name_or_path,
         model_path=loaded.path,
@@ -143,12 +192,21 @@ def _tokenizer(cfg: SeektuneConfig) -> Any:
     return load_tokenizer(cfg.model)
 
 
-def _prepare(state: RunContext, tokenizer: Any):
-    from seektune.data.prepare import compact_report, prepare_data
+def _prepare(state: RunContext):
+    """Prepare the data with the model's tokenizer; under a launcher rank 0 prepares, the others load.
 
-    data = prepare_data(state.cfg.data, tokenizer, state.cfg.seed, state.run.data_dir)
+    Rank 0 goes first also because loading the tokenizer builds (tiny-deepseek-v3) or downloads the
+    base into the shared cache, which the others then find there.
+    """
+    from seektune.data.prepare import compact_report, load_prepared, prepare_data
+
+    if is_main_process():
+        data = prepare_data(state.cfg.data, _tokenizer(state.cfg), state.cfg.seed, state.run.data_dir)
+        state.run.update_metrics("data", compact_report(data.report))
+    barrier()
+    if not is_main_process():
+        data = load_prepared(state.run.data_dir)
     state.summary["data"] = compact_report(data.report)
-    state.run.update_metrics("data", state.summary["data"])
     return data
 
 
@@ -158,6 +216,13 @@ def _require_test_split(data: Any) -> None:
             "the test split is empty, so nothing can be evaluated: raise data.test_ratio, add data, "
             "or set eval.enabled: false"
         )
+
+
+def _evaluate_on_main(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
+    """Evaluate in rank 0 alone (generation needs no other process); the others wait for it."""
+    if is_main_process():
+        _evaluate(state, which, model, tokenizer, data)
+    barrier()
 
 
 def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
@@ -241,7 +306,9 @@ def _train(
         resume = ResumePoint(checkpoint, int(checkpoint.name.rsplit("-", 1)[1]), new_data)
         state.summary["run"]["resumed_from"] = str(checkpoint)
         log_event(logger, "resuming", checkpoint=str(checkpoint), new_data=new_data)
-    model, trainable = apply_method(loaded.model, state.cfg.method, loaded.family)
+    model, trainable = apply_method(
+        loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
+    )
     result = train(
         state.cfg.train,
         model,
@@ -257,14 +324,16 @@ def _train(
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     if result.profile is not None:
         state.summary["profile"] = result.profile
-        state.run.write_json("profile/summary.json", result.profile)
-        state.run.update_metrics("profile", result.profile)
+        if is_main_process():
+            state.run.write_json("profile/summary.json", result.profile)
+            state.run.update_metrics("profile", result.profile)
         return model
     state.summary["train"] = {**result.summary(), "history": result.history, **counts}
-    resumed = {"resumed_from": result.resumed_from} if result.resumed_from else {}
-    state.run.update_metrics("train", {**result.scores(), **counts, **resumed})
-    state.run.update_metrics("timing", result.timing())
-    state.run.write_json("train/history.json", result.history)
+    if is_main_process():
+        resumed = {"resumed_from": result.resumed_from} if result.resumed_from else {}
+        state.run.update_metrics("train", {**result.scores(), **counts, **resumed})
+        state.run.update_metrics("timing", result.timing())
+        state.run.write_json("train/history.json", result.history)
     return model
 
 
@@ -293,6 +362,8 @@ def _domain_weights(cfg: SeektuneConfig, data: Any) -> Any:
 def _finish(state: RunContext) -> None:
     from seektune.report import write_report
 
+    if not is_main_process():
+        return
     models = state.summary.get("eval", {}).get("models", {})
     if "base" in models and "tuned" in models:
         state.run.update_metrics("eval", {"improvement": improvement(models["base"], models["tuned"])})
@@ -320,16 +391,16 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
     options = options or TrainOptions()
     checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "run") as state:
-        data = _prepare(state, _tokenizer(cfg))  # bad data stops before any weight is loaded
+        data = _prepare(state)  # bad data stops before any weight is loaded
         if cfg.eval.enabled:
             _require_test_split(data)
         weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
-            _evaluate(state, "base", loaded.model, loaded.tokenizer, data)
+            _evaluate_on_main(state, "base", loaded.model, loaded.tokenizer, data)
         model = _train(state, loaded, data, weights, checkpoint, options)
         if cfg.eval.enabled:
-            _evaluate(state, "tuned", model, loaded.tokenizer, data)
+            _evaluate_on_main(state, "tuned", model, loaded.tokenizer, data)
         _finish(state)
     return state.run
 
@@ -337,7 +408,7 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
 def run_data_stage(cfg: SeektuneConfig) -> RunDir:
     """Prepare the data alone (the tokenizer of the configured model is loaded, not its weights)."""
     with open_run(cfg, "data") as state:
-        _prepare(state, _tokenizer(cfg))
+        _prepare(state)
         _finish(state)
     return state.run
 
@@ -348,7 +419,7 @@ def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) ->
     options = options or TrainOptions()
     checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "train") as state:
-        data = _prepare(state, _tokenizer(cfg))
+        data = _prepare(state)
         weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
         _train(state, loaded, data, weights, checkpoint, options)
@@ -359,9 +430,9 @@ def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) ->
 def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
     """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split."""
     with open_run(cfg, "eval") as state:
-        data = _prepare(state, _tokenizer(cfg))
+        data = _prepare(state)
         _require_test_split(data)
         loaded = _load_base(state)
-        _evaluate(state, "model", loaded.model, loaded.tokenizer, data)
+        _evaluate_on_main(state, "model", loaded.model, loaded.tokenizer, data)
         _finish(state)
     return state.run

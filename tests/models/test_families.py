@@ -246,10 +246,9 @@ def test_unknown_target_module_is_a_user_error(family_dirs: dict[str, Path]) -> 
         apply_method(loaded.model, method, loaded.family)
 
 
-def test_unavailable_methods_are_user_errors() -> None:
-    expected = r"'qlora' is not available.*full, freeze, lora, dora, adapter or prefix"
-    with pytest.raises(UserError, match=expected):
-        apply_method(torch.nn.Linear(2, 2), MethodConfig(name="qlora"), FAMILIES["llama"])
+def test_a_method_the_config_cannot_name_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        apply_method(torch.nn.Linear(2, 2), MethodConfig.model_construct(name="bogus"), FAMILIES["llama"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")

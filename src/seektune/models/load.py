@@ -173,15 +173,40 @@ def adapter_base(adapter_dir: str) -> str | None:
     return base
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def four_bit_config(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's base quantisation: 4-bit NF4 weights with double-quantised constants (bitsandbytes)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # Heads and routers stay in 16-bit: quantising them costs accuracy for little memory.
+        llm_int8_skip_modules=["lm_head", "gate"],
+    )
+
+
+def _require_bitsandbytes() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "method.name qlora loads the base in 4-bit through bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (on a machine with a CUDA GPU), or use method.name lora"
+        )
+
+
+def load_model(cfg: ModelConfig, four_bit: bool = False) -> LoadedModel:
     """Load model and tokenizer; the family is detected from config.json before the weights are read.
 
     An adapter folder (or a run directory holding one) loads its base model, then the adapter on top.
+    With `four_bit` (method qlora) the base's linear layers load as 4-bit NF4 (`four_bit_config`).
     """
     path = resolve_model_path(cfg)
     base = adapter_base(path)
     if base is not None:
-        loaded = load_model(cfg.model_copy(update={"name_or_path": base}))
+        loaded = load_model(cfg.model_copy(update={"name_or_path": base}), four_bit)
         if is_adapter_folder(Path(path)):
             loaded.model = load_adapters(loaded.model, Path(path))
         elif is_prefix_folder(Path(path)):
@@ -193,6 +218,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         return loaded
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    quantization = None
+    if four_bit:
+        _require_bitsandbytes()
+        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        quantization = four_bit_config(dtype)
     with _user_facing_load_errors(cfg.name_or_path):
         config = AutoConfig.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
@@ -205,6 +235,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             attn_implementation=cfg.attn_implementation,
+            quantization_config=quantization,
             device_map={"": device},  # straight onto the device: a large model never sits whole in CPU RAM
         )
     tokenizer = load_tokenizer(cfg, path)

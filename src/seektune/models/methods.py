@@ -46,7 +46,7 @@ from seektune.models.families import FamilyPreset
 
 logger = logging.getLogger(__name__)
 
-AVAILABLE_METHODS = ("full", "freeze", "lora", "dora", "adapter", "prefix")
+AVAILABLE_METHODS = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix")
 
 # Last name part of the module list that holds the decoder blocks (Llama/Qwen2/DeepSeek: model.layers,
 # GPT-2: transformer.h, others: blocks).
@@ -77,15 +77,22 @@ def count_parameters(model: nn.Module) -> TrainableSummary:
 
 
 def apply_method(
-    model: nn.Module, method: MethodConfig, family: FamilyPreset
+    model: nn.Module, method: MethodConfig, family: FamilyPreset, gradient_checkpointing: bool = False
 ) -> tuple[Any, TrainableSummary]:
-    """Make `model` trainable by `method`; LoRA/DoRA return the PEFT-wrapped model."""
+    """Make `model` trainable by `method`; LoRA/DoRA/QLoRA return the PEFT-wrapped model.
+
+    QLoRA expects the base loaded in 4-bit; PEFT's `prepare_model_for_kbit_training` then casts norms
+    to fp32 and enables input gradients (and checkpointing when `gradient_checkpointing`).
+    """
     if method.name == "full":
         model.requires_grad_(True)
     elif method.name == "freeze":
         freeze_model(model, method.freeze)
     elif method.name in ("lora", "dora"):
         model = _wrap_lora(model, method.lora, family, use_dora=method.name == "dora")
+    elif method.name == "qlora":  # the base was loaded in 4-bit (`load_model(four_bit=True)`)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = _wrap_lora(model, method.lora, family, use_dora=False)
     elif method.name == "adapter":
         from seektune.models.adapters import apply_adapters
 
@@ -95,10 +102,7 @@ def apply_method(
 
         model = apply_prefix(model, method.prefix)
     else:
-        raise UserError(
-            f"method.name {method.name!r} is not available in this version of seektune yet; "
-            f"use {', '.join(AVAILABLE_METHODS[:-1])} or {AVAILABLE_METHODS[-1]}"
-        )
+        raise ValueError(f"unknown method {method.name!r}: the config accepts {', '.join(AVAILABLE_METHODS)}")
     summary = count_parameters(model)
     logger.info("method %s: %s", method.name, summary)
     return model, summary
