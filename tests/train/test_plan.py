@@ -85,6 +85,22 @@ def test_parameter_counts_equal_the_real_model(tmp_path: Path, architecture: str
     assert 0 < plan.trainable_params <= plan.total_params
 
 
+@pytest.mark.parametrize("architecture", ["deepseek_v3", "llama"])
+def test_a_prefix_is_counted_and_keeps_every_block_s_activations(tmp_path: Path, architecture: str) -> None:
+    config = DeepseekV3Config(**TINY_V3) if architecture == "deepseek_v3" else LlamaConfig(**TINY_LLAMA)
+    folder = _folder(tmp_path, config)
+    cfg = _cfg(folder, method={"name": "prefix", "prefix": {"num_virtual_tokens": 4}})
+    plan = estimate_plan(cfg, device_memory=ROOMY)
+    model, _ = apply_method(AutoModelForCausalLM.from_config(config), cfg.method, detect_family(config))
+    real = count_parameters(model)
+    assert (plan.total_params, plan.trainable_params) == (real.total, real.trainable)
+    head_only = estimate_plan(
+        _cfg(folder, method={"name": "freeze", "freeze": {"train_layers": "", "train_modules": ["lm_head"]}}),
+        device_memory=ROOMY,
+    )
+    assert plan.activation_bytes_per_token > 2 * head_only.activation_bytes_per_token
+
+
 def test_qlora_trains_the_lora_parameters_on_a_4_bit_base(tmp_path: Path) -> None:
     folder = _folder(tmp_path, LlamaConfig(**TINY_LLAMA))
     lora = estimate_plan(_cfg(folder, method={"name": "lora", "lora": {"r": 8}}), device_memory=ROOMY)
@@ -94,6 +110,12 @@ def test_qlora_trains_the_lora_parameters_on_a_4_bit_base(tmp_path: Path) -> Non
     frozen_fp32 = 2 * 4096 + 160
     assert qlora.weights_bytes == round(18432 * NF4_BYTES_PER_WEIGHT) + frozen_fp32 * 4 + 8192 * 4
     assert qlora.weights_bytes < lora.weights_bytes
+    # On a GPU too: what is not quantised is cast to fp32 by PEFT's prepare_model_for_kbit_training.
+    on_gpu = estimate_plan(
+        _cfg(folder, model={"device": "cuda"}, method={"name": "qlora", "lora": {"r": 8}}),
+        device_memory=ROOMY,
+    )
+    assert on_gpu.weights_bytes == qlora.weights_bytes
 
 
 def test_memory_arithmetic_of_a_hand_computed_case(tmp_path: Path) -> None:
@@ -307,6 +329,11 @@ def test_check_fits_says_what_would_fit_when_nothing_does(tmp_path: Path) -> Non
     with pytest.raises(UserError, match=r"not even train\.batch_size 1 fits: ") as raised:
         check_fits(cfg, memory)
     assert "set train.gradient_checkpointing: true (train.batch_size" in str(raised.value)
+
+
+def test_check_fits_passes_over_a_hub_model_it_cannot_read_offline() -> None:
+    cfg = validate_config({"model": {"name_or_path": "acme/no-such-model"}, "train": {"batch_size": 64}})
+    assert check_fits(cfg, GIB) is None
 
 
 def test_cli_plan_prints_the_table(tmp_path: Path, capsys) -> None:
