@@ -58,8 +58,12 @@ def _load(config: Path | None, overrides: list[str] | None) -> SeektuneConfig:
     return load_config(config, overrides or [])
 
 
-def _done(run_dir: Path) -> None:
-    typer.echo(f"run directory: {run_dir}")
+def _done(run_dir: Path, *more: str) -> None:
+    from seektune.distributed import is_main_process
+
+    if is_main_process():  # once, not once per process of a multi-process launch
+        for line in (f"run directory: {run_dir}", *more):
+            typer.echo(line)
 
 
 ResumeOpt = Annotated[
@@ -91,8 +95,7 @@ def run(
 
     options = TrainOptions(resume=resume, resume_new_data=resume_new_data)
     run_dir = run_pipeline(_load(config, set_), options).path
-    _done(run_dir)
-    typer.echo(f"report: {run_dir / 'report.md'}")
+    _done(run_dir, f"report: {run_dir / 'report.md'}")
 
 
 @data_app.command("prepare")
@@ -123,11 +126,12 @@ def train(
     ] = False,
 ) -> None:
     """Prepare the data and fine-tune, without evaluation."""
+    from seektune.distributed import is_main_process
     from seektune.pipeline import TrainOptions, run_train_stage
 
     options = TrainOptions(resume=resume, resume_new_data=resume_new_data, profile=profile)
     run_dir = run_train_stage(_load(config, set_), options).path
-    if profile:
+    if profile and is_main_process():
         from rich.console import Console
 
         from seektune.train.profile import print_profile

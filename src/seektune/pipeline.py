@@ -95,6 +95,12 @@ def _check_launch(cfg: SeektuneConfig, command: str) -> None:
             f"model.device is {cfg.model.device!r}, which puts every process of this {world_size()}-process "
             "launch on one GPU: set model.device: auto (each process takes the GPU of its LOCAL_RANK)"
         )
+    if cfg.method.name in ("adapter", "prefix") and shards_parameters():
+        raise UserError(
+            f"method.name {cfg.method.name} saves its weights from one process, which under FSDP or "
+            "DeepSpeed ZeRO-3 holds only a shard of them: use method.name lora, or plain data parallelism "
+            "(configs/accelerate/ddp.yaml) or ZeRO-2"
+        )
     evaluates = command == "eval" or (command == "run" and cfg.eval.enabled)
     if evaluates and shards_parameters():
         raise UserError(
@@ -129,7 +135,10 @@ def open_run(cfg: SeektuneConfig, command: str) -> Iterator[RunContext]:
         attach_run_logs(run.logs_dir)
         run.mark_status("running", stage=command)
     else:
+        from transformers.utils import logging as hf_logging
+
         package_logger.setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()  # rank 0 shows the loading bars; one set is enough
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state = RunContext(
         run=run,

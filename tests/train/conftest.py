@@ -1,9 +1,9 @@
-"""Fixtures of the training tests: the tiny tokenizer and Llama of `tinyllama`."""
+"""Fixtures of the training tests: the tiny tokenizer and Llama of `tinymodels`."""
 
 from __future__ import annotations
 
 import pytest
-from tinyllama import llama, word_tokenizer
+from tinymodels import llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")

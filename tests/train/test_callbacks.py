@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tinyllama import EASY_TOKEN, VOCAB, domain_split, llama
+from tinymodels import EASY_TOKEN, VOCAB, domain_split, llama
 
 from seektune.config import TrainConfig
 from seektune.data.mix import DomainWeights

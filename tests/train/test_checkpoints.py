@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from tinymodels import deepseek_v3, domain_split
 
-from seektune.config import validate_config
+from seektune.config import TrainConfig, validate_config
 from seektune.errors import UserError
+from seektune.rundir import RunDir
 from seektune.train.checkpoints import (
     MARKER,
     check_identity,
@@ -18,6 +22,8 @@ from seektune.train.checkpoints import (
     mark_complete,
     rotate,
 )
+from seektune.train.loop import SeektuneTrainer
+from seektune.train.trainer import train
 from support import tiny_run_config
 
 IDENTITY = {
@@ -111,3 +117,38 @@ def test_changed_data_is_accepted_when_asked_and_unknown_data_is_not_checked(tmp
     assert check_identity(checkpoint, {**IDENTITY, "data_fingerprint": "new"}, allow_new_data=True)
     assert not check_identity(checkpoint, IDENTITY, allow_new_data=False)
     assert not check_identity(checkpoint, {**IDENTITY, "data_fingerprint": None}, allow_new_data=False)
+
+
+def test_full_fine_tuning_checkpoints_restore_the_fused_experts(tokenizer, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    data = SimpleNamespace(
+        tokenized={"train": domain_split({"easy": 8, "hard": 8}), "validation": []},
+        report={"train_tokens": 100, "splits": {"train": 16}},
+    )
+    cfg = TrainConfig(
+        learning_rate=0.05, batch_size=4, max_steps=2, save_steps=2, precision="fp32", report_to=[]
+    )
+    run = RunDir.create(tmp_path, "t")
+    model = deepseek_v3()
+    train(cfg, model, tokenizer, data, run, seed=0)
+    trained = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    experts = [name for name in trained if ".mlp.experts." in name]
+    fresh = deepseek_v3()
+    assert experts and not torch.equal(fresh.state_dict()[experts[0]], trained[experts[0]])
+
+    trainer = SeektuneTrainer(
+        model=fresh,
+        args=TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to="none"),
+        checkpoint_identity={},
+    )
+    trainer._load_from_checkpoint(str(run.checkpoints_dir / "checkpoint-2"))  # what resume does
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+    with safe_open(run.path / "model" / "model.safetensors", "pt") as saved:  # the final model: hub layout
+        assert any(".mlp.experts.0." in key for key in saved.keys())  # noqa: SIM118 (not a dict)
+    reloaded = AutoModelForCausalLM.from_pretrained(run.path / "model")
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from tinyllama import domain_split, llama
+from tinymodels import domain_split, llama
 
 from seektune.cli import main
 from seektune.config import TrainConfig

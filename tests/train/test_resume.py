@@ -51,9 +51,16 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_run_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path, base_cache):
-    whole = run_train_stage(validate_config(_config(tmp_path / "whole", base_cache)))
+    # 32 examples in batches of 8: 4 steps an epoch, so the kill after step 6 lands in the second epoch,
+    # whose example order the resumed run must draw as the uninterrupted one did.
+    def config(folder: str) -> dict:
+        raw = _config(tmp_path / folder, base_cache)
+        raw["data"]["max_train_samples"] = 32
+        return raw
 
-    raw = _config(tmp_path / "killed", base_cache)
+    whole = run_train_stage(validate_config(config("whole")))
+
+    raw = config("killed")
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
@@ -63,12 +70,13 @@ def test_a_run_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path, base_
     )
     runs = Path(raw["output_dir"])
     deadline = time.monotonic() + 300
-    while not list(runs.glob(f"*/checkpoints/checkpoint-4/{MARKER}")):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint 4"
+    while not list(runs.glob(f"*/checkpoints/checkpoint-6/{MARKER}")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint 6"
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     (killed,) = runs.iterdir()
+    assert json.loads((killed / "status.json").read_text())["state"] == "running"  # killed, not finished
     before = _tree_digest(killed)
 
     resumed = run_train_stage(validate_config(raw), TrainOptions(resume=True))

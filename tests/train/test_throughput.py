@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tinyllama import domain_split, llama
-from transformers import AutoModelForCausalLM, DeepseekV3Config
+from tinymodels import deepseek_v3, domain_split, llama
 
 from seektune.config import MethodConfig, TrainConfig
 from seektune.errors import UserError
@@ -42,26 +41,7 @@ def test_frozen_weights_cost_four_flops_and_lora_weights_six():
 
 
 def test_routed_experts_count_with_the_share_each_token_meets():
-    config = DeepseekV3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        n_group=1,
-        topk_group=1,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = deepseek_v3()
     routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     assert routed > 0
     everything = training_flops_per_token(model, 2)
@@ -72,17 +52,17 @@ def test_routed_experts_count_with_the_share_each_token_meets():
 def test_meter_counts_real_tokens_over_training_time_only(monkeypatch):
     clock = iter([0.0, 10.0, 20.0, 30.0])
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
-    meter = ThroughputMeter(flops_per_token=100.0, peak_flops=1e4, device=torch.device("cpu"), world=2)
+    meter = ThroughputMeter(flops_per_token=100.0, peak_flops=1e4, device=torch.device("cpu"), world=1)
     meter.count(300)
     meter.exclude(4.0)  # an evaluation inside the interval
-    first = meter.measure()  # at t=10: 600 tokens (two processes) in 6 s of training
-    assert first["tokens_per_s"] == 100.0
-    assert first["mfu"] == pytest.approx(100.0 * 100.0 / (1e4 * 2))
+    first = meter.measure()  # at t=10: 300 tokens in 6 s of training
+    assert first["tokens_per_s"] == 50.0
+    assert first["mfu"] == pytest.approx(50.0 * 100.0 / 1e4)
     assert first["peak_memory_gb"] > 0
     meter.count(100)
     second = meter.measure()  # at t=20
-    assert second["tokens_per_s"] == 20.0
-    assert meter.overall()["tokens_per_s"] == pytest.approx(800 / 16)
+    assert second["tokens_per_s"] == 10.0
+    assert meter.overall()["tokens_per_s"] == pytest.approx(400 / 16)
 
 
 def test_cpu_peak_is_measured_and_unknown_gpus_have_none(monkeypatch):

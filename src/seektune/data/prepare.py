@@ -108,6 +108,33 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> P
     return prepared
 
 
+def load_prepared(out_dir: Path) -> PreparedData:
+    """The data `prepare_data` saved in `out_dir`: records and tokenised rows by split, and the report.
+
+    The other processes of a data-parallel run read this instead of preparing the data again, so every
+    process trains on the same rows. An empty split (saved without an Arrow file, which `load_from_disk`
+    cannot reopen) comes back empty with the columns it was saved with.
+    """
+    from datasets import DatasetInfo
+
+    out_dir = Path(out_dir)
+    report_file = out_dir / "report.json"
+    if not report_file.is_file():
+        raise UserError(f"{out_dir} holds no prepared data (no report.json): run `seektune data prepare`")
+    loaded: dict[str, dict[str, Dataset]] = {"records": {}, "tokenized": {}}
+    for kind, splits in loaded.items():
+        for split in SPLITS:
+            folder = out_dir / kind / split
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            if state.get("_data_files"):
+                splits[split] = load_from_disk(str(folder))
+            else:
+                features = DatasetInfo.from_directory(str(folder)).features
+                splits[split] = Dataset.from_dict({name: [] for name in features}, features=features)
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    return PreparedData(records=loaded["records"], tokenized=loaded["tokenized"], report=report)
+
+
 def num_proc_for(cfg: DataConfig, n_records: int) -> int | None:
     """Worker processes for a map over `n_records`: the configured number, or automatic by size."""
     if cfg.num_proc is not None:

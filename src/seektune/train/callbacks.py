@@ -89,6 +89,32 @@ class WeightedDomainSampler(Sampler[int]):
             left -= count
 
 
+class EpochSeededLengthGroupedSampler(Sampler[int]):
+    """transformers' length-grouped order (`get_length_grouped_indices`), drawn with seed + epoch.
+
+    The Trainer (through accelerate) calls `set_epoch` at the start of every epoch, so a run resumed in
+    epoch e draws the order the uninterrupted run drew, whatever the global RNG has seen.
+    """
+
+    def __init__(self, batch_size: int, lengths: Sequence[int], seed: int) -> None:
+        self.batch_size = batch_size
+        self.lengths = list(lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 def _encode(sources: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
     """(sorted domain names, each example's domain number), through Arrow's dictionary encoding."""
     column = sources if isinstance(sources, pa.Array | pa.ChunkedArray) else pa.array(sources, pa.string())

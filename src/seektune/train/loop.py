@@ -9,16 +9,24 @@ checkpoint contents) is the library's. The subclass adds:
   the model sees it; every training log line gains real tokens/s, MFU and peak memory
   (`seektune.train.throughput`), with evaluation and checkpoint time left out of the rate;
 - named profiler ranges `seektune::forward` and `seektune::backward` (cheap no-ops unless a profiler runs),
-  which `seektune train --profile` uses to split a step's time.
+  which `seektune train --profile` uses to split a step's time;
+- checkpoint weights in the model's own layout. transformers 5 fuses DeepSeek's routed experts into 3-D
+  parameters at load time and `save_pretrained` splits them back into per-expert tensors (the hub
+  layout), but the Trainer reloads checkpoints (on resume, and the best one at the end) with a plain
+  non-strict `load_state_dict`, which skips those per-expert keys: the experts would silently keep their
+  current weights. Checkpoints are therefore saved with `save_original_format=False`; the final model in
+  `<run>/model` keeps the hub layout.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
 from torch.profiler import record_function
+from transformers import PreTrainedModel
 
 from seektune.train.callbacks import DomainSampledTrainer
 from seektune.train.checkpoints import mark_complete, rotate
@@ -39,6 +47,7 @@ class SeektuneTrainer(DomainSampledTrainer):
         super().__init__(*args, **kwargs)
         self.checkpoint_identity = checkpoint_identity
         self.meter = meter
+        self._saving_checkpoint = False
         backward = self.accelerator.backward
 
         def named_backward(loss: Any, **kw: Any) -> None:
@@ -71,14 +80,28 @@ class SeektuneTrainer(DomainSampledTrainer):
             if self.meter is not None:
                 self.meter.exclude(time.perf_counter() - started)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not self._saving_checkpoint or not isinstance(model, PreTrainedModel):
+            return super()._save(output_dir, state_dict)
+        save_pretrained = model.save_pretrained
+        model.save_pretrained = functools.partial(save_pretrained, save_original_format=False)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # back to the class's method
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         started = time.perf_counter()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate only once the new checkpoint is marked complete
+        self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+            self._saving_checkpoint = False
+        self.accelerator.wait_for_everyone()  # every process's RNG state and shard written, then the marker
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             mark_complete(folder, self.state.global_step, self.checkpoint_identity)

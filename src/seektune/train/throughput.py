@@ -145,10 +145,10 @@ class ThroughputMeter:
         self._excluded += seconds
 
     def measure(self) -> dict[str, Any]:
-        """Figures since the last call; all processes together under data parallelism."""
+        """Figures since the last call; all processes together under data parallelism (call it on all)."""
         now = time.perf_counter()
         seconds = now - self._since - self._excluded
-        tokens = self._tokens * self.world
+        tokens = self._all_processes(self._tokens)
         self.total_tokens += tokens
         self.total_seconds += seconds
         self._tokens, self._since, self._excluded = 0, now, 0.0
@@ -160,6 +160,14 @@ class ThroughputMeter:
                     tokens * self.flops_per_token / seconds / (self.peak_flops * self.world), 4
                 )
         return figures
+
+    def _all_processes(self, tokens: int) -> int:
+        """The sum over the processes of a data-parallel run (every process logs at the same steps)."""
+        if self.world <= 1 or not torch.distributed.is_initialized():
+            return tokens
+        total = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
 
     def overall(self) -> dict[str, Any]:
         """Tokens/s and MFU over the whole run's training time."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from seektune.config import TrainConfig
+from seektune.distributed import launched, process_rank
 from seektune.errors import UserError
 from seektune.logs import ProgressCallback, log_event
 from seektune.rundir import RunDir
@@ -189,6 +190,12 @@ def training_arguments(
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if device.type == "cpu" and launched() else None,  # CPUs: gloo, not MPI
+        # Every trainable parameter gets a gradient in every step, so DDP need not search the graph for
+        # unused ones: transformers 5 fuses a layer's routed experts into one 3-D parameter, which gets
+        # a gradient (zero rows for experts no token reached) whenever the layer runs; checked for full,
+        # freeze, LoRA (with include_experts), adapter and prefix on DeepSeek-V3.
+        ddp_find_unused_parameters=False,
         report_to=[name for name in cfg.report_to if name != "tensorboard"] or "none",
         run_name=run.path.name,
         disable_tqdm=True,
@@ -243,13 +250,17 @@ def train(
     health = TrainingHealthCallback(cfg.max_grad_norm_spike)
     sampler, reweight = _domain_reweighting(domain_weights, train_set, eval_set, collator, seed)
     args = training_arguments(cfg, run, seed, device, eval_set is not None and not profile, packed, profile)
+    if sampler is None and not packed:
+        sampler = _length_grouped_sampler(train_set, args, seed)
     meter = _meter(model, args, data, device)
     extra = [*_reporting_callbacks(cfg, run), *_early_stopping(cfg, eval_set if not profile else None)]
     profiler = None
     if profile:
         from seektune.train.profile import ProfilerCallback
 
-        profiler = ProfilerCallback(run.path / "profile" / "trace.json", device)
+        rank = process_rank()  # one trace per process: each shows its own waits in the collectives
+        trace = "trace.json" if rank == 0 else f"trace-rank{rank}.json"
+        profiler = ProfilerCallback(run.path / "profile" / trace, device)
         extra.append(profiler)
     trainer = SeektuneTrainer(
         model=model,
@@ -297,6 +308,22 @@ def train(
     _save_final(trainer, tokenizer, run)
     log_event(logger, "training finished", **result.summary())
     return result
+
+
+def _length_grouped_sampler(train_set: Any, args: Any, seed: int) -> Any:
+    """Examples grouped by similar length, in an order that depends on the global batch and epoch alone.
+
+    The Trainer's own `group_by_length` sampler sizes its length-sorted megabatches by one process's batch,
+    so its order changes with the number of processes; sized by the global batch (per-process batch x
+    accumulation x processes), N processes of b examples each see the batches one process of N x b sees.
+    It also draws each epoch's order from the global RNG, whose state at an epoch's start a resumed run
+    cannot reproduce; here epoch e draws with seed + e (`EpochSeededLengthGroupedSampler`).
+    """
+    from seektune.data.records import column_values
+    from seektune.train.callbacks import EpochSeededLengthGroupedSampler
+
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    return EpochSeededLengthGroupedSampler(global_batch, column_values(train_set, "length"), seed)
 
 
 def _meter(model: Any, args: Any, data: PreparedData, device: torch.device) -> ThroughputMeter:
@@ -391,23 +418,35 @@ def _early_stopping(cfg: TrainConfig, eval_set: Any) -> list[Any]:
 
 
 def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
-    """Save the trained model and tokenizer to `<run>/model`, whole or not at all."""
+    """Save the trained model and tokenizer to `<run>/model`, whole or not at all.
+
+    Every process calls this: under DeepSpeed ZeRO-3 or FSDP `save_model` gathers the weight shards of
+    all processes; the Trainer writes from the main process only, and no process returns before
+    `<run>/model` is in place.
+    """
     final = run.path / "model"
     partial = run.path / ".model-partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     adapter_cfg = getattr(trainer.model, "seektune_adapter_config", None)
     if adapter_cfg is not None:  # bottleneck adapters: only their weights, loaded onto the base later
         from seektune.models.adapters import save_adapters
 
-        save_adapters(trainer.model, partial, adapter_cfg)
+        if main:
+            save_adapters(trainer.model, partial, adapter_cfg)
     elif getattr(trainer.model, "seektune_prefix_config", None) is not None:  # prefix keys and values
         from seektune.models.prefix import save_prefix
 
-        save_prefix(trainer.model, partial)
+        if main:
+            save_prefix(trainer.model, partial)
     else:
         trainer.save_model(str(partial))
-    tokenizer.save_pretrained(str(partial))
-    os.replace(partial, final)
+    if main:
+        tokenizer.save_pretrained(str(partial))
+        os.replace(partial, final)
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

@@ -1,11 +1,11 @@
-"""A tiny word-level tokenizer, a tiny Llama and domain-labelled examples, for training tests."""
+"""Tiny models (Llama, DeepSeek-V3), a word-level tokenizer and domain-labelled examples for tests."""
 
 from __future__ import annotations
 
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PreTrainedTokenizerFast
 
 VOCAB = 64
 PAD = 7
@@ -33,6 +33,33 @@ def llama():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        pad_token_id=PAD,
+    )
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def deepseek_v3():
+    """A seeded DeepSeek-V3: MLA attention, block 0 dense, block 1 MoE with 4 fused routed experts (2 per
+    token) and a shared expert."""
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
         pad_token_id=PAD,
     )
     return AutoModelForCausalLM.from_config(config).float()
