@@ -69,6 +69,13 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
         check_prefix_compatible(cfg.data)
 
 
+def _check_memory(cfg: SeektuneConfig) -> None:
+    """Stop before anything loads when the configured micro-batch cannot fit (`seektune plan`'s estimate)."""
+    from seektune.train.plan import check_fits
+
+    check_fits(cfg)
+
+
 def _has_cuda(device: str) -> bool:
     if device == "cpu":
         return False
@@ -397,6 +404,7 @@ def improvement(base: dict[str, float], tuned: dict[str, float]) -> dict[str, fl
 def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """The whole loop: data, base evaluation, training, tuned evaluation, report."""
     check_stages_available(cfg)
+    _check_memory(cfg)
     options = options or TrainOptions()
     checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "run") as state:
@@ -425,6 +433,7 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
 def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """Prepare the data and train, without evaluation (or, with `options.profile`, profile a few steps)."""
     check_stages_available(cfg)
+    _check_memory(cfg)
     options = options or TrainOptions()
     checkpoint = _resume_checkpoint(cfg, options)
     with open_run(cfg, "train") as state:

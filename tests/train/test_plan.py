@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig
 
 from seektune.cli import main
@@ -29,7 +30,7 @@ from seektune.train.plan import (
     estimate_plan,
     recommend_micro_batch,
 )
-from support import TINY_RECIPE
+from support import TINY_RECIPE, tiny_run_config
 
 GIB = 2**30
 ROOMY = 64 * GIB  # a device memory every tiny plan fits in
@@ -435,3 +436,13 @@ def test_the_estimate_agrees_with_measured_training_memory(tmp_path: Path, metho
     )
     assert estimated_training == pytest.approx(measured["training"], rel=0.3)
     assert plan.weights_bytes == pytest.approx(measured["weights"], rel=0.25)
+
+
+def test_a_run_whose_batch_cannot_fit_stops_before_anything_is_written(tmp_path, base_cache, capsys):
+    raw = tiny_run_config(tmp_path, base_cache, train={"batch_size": 1_000_000})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size 1000000" in err and "set train.batch_size: 64" in err
+    assert not (tmp_path / "runs").exists()

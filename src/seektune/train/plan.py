@@ -661,8 +661,9 @@ def estimate_plan(cfg: SeektuneConfig, device_memory: int | None = None) -> Memo
     return plan
 
 
-def check_fits(cfg: SeektuneConfig, device_memory: int) -> None:
-    """Raise a `UserError` when the configured train.batch_size does not fit in `device_memory` bytes,
+def check_fits(cfg: SeektuneConfig, device_memory: int | None = None) -> None:
+    """Raise a `UserError` when the configured train.batch_size does not fit in `device_memory` bytes
+    (default: the CUDA device's total memory, or this machine's available RAM),
     naming the micro-batch and accumulation that would. A hub model whose config.json is not available
     offline is not checked (a warning says so): loading it downloads the config anyway."""
     try:

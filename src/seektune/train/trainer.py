@@ -277,6 +277,12 @@ def train(
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=_resume_argument(trainer, resume))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(
+            f"out of GPU memory at step {trainer.state.global_step} with train.batch_size {cfg.batch_size}: "
+            "`seektune plan CONFIG` names the largest micro-batch that fits; lower train.batch_size and "
+            "raise train.gradient_accumulation_steps, or set train.gradient_checkpointing: true"
+        ) from exc
     finally:
         progress_callback.close()
     runtime = time.perf_counter() - started
