@@ -56,16 +56,26 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys, args, expected):
     assert "Traceback" not in err
 
 
-def test_missing_model_path_fails_cleanly_and_run_dir_says_so(tmp_path, capsys):
+def test_missing_model_path_fails_cleanly_before_a_run_directory_is_made(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output_dir: {tmp_path / 'runs'}\nmodel:\n  name_or_path: {tmp_path / 'no-such-model'}\n")
     code, _, err = run_cli(["run", str(cfg)], capsys)
     assert code == 2
     assert "no-such-model" in err and "is not a directory" in err
+    assert not (tmp_path / "runs").exists()  # the memory check reads the model config first
+
+
+def test_eval_of_a_missing_model_path_marks_its_run_directory_failed(tmp_path, capsys, base_cache):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path / 'runs'}\nmodel:\n  cache_dir: {base_cache}\n"
+        f"  base: {json.dumps(_tiny_recipe())}\n"
+    )
+    code, _, err = run_cli(["eval", str(cfg), "--model", str(tmp_path / "no-such-model")], capsys)
+    assert code == 2 and "is not a directory" in err
     (run_dir,) = (tmp_path / "runs").iterdir()
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "failed"
-    assert "no-such-model" in status["error"]
+    assert status["state"] == "failed" and "no-such-model" in status["error"]
     assert (run_dir / "config.yaml").is_file()
 
 
