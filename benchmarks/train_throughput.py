@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -137,7 +138,13 @@ class StepRecord:
         self.cpu_ends.append(time.process_time())
 
     def figures(self, skip: int) -> dict[str, Any]:
+        """Rates over the steps after the first `skip`; the losses and the real tokens of the run."""
         steps = len(self.step_ends)
+        if steps <= skip or len(self.tokens) < steps:
+            raise RuntimeError(
+                f"the instrumentation saw {steps} step ends and {len(self.tokens)} batches: the trainer no "
+                "longer calls the wrapped collator or callback (see phase_seektune / phase_trl)"
+            )
         tokens = self.tokens[:steps]
         seconds = self.step_ends[-1] - self.step_ends[skip - 1]
         return {
@@ -305,7 +312,7 @@ def phase_plain(spec: dict[str, Any]) -> dict[str, Any]:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["learning_rate"], weight_decay=0.0)
-    warmup = int(spec["warmup_ratio"] * spec["steps"] + 0.999)
+    warmup = math.ceil(spec["warmup_ratio"] * spec["steps"])  # as transformers reads a warm-up ratio
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, spec["steps"])
     model.train()
     for _, batch in zip(range(spec["steps"]), loader, strict=False):
@@ -327,8 +334,9 @@ def phase_flops(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, _ = _lora_model(spec)
-    # FlopCounterMode has no formula for grouped_mm: count the routed experts through their per-expert mm
+    # FlopCounterMode has no formula for grouped_mm nor for the fused CPU attention kernel: count through
+    # the eager implementations (per-expert mm, matmul attention), which do the same useful work
+    model, _ = _lora_model({**spec, "model": {"attn_implementation": "eager"}})
     model.get_base_model().set_experts_implementation("eager")
     train_set, _ = _datasets(spec)
     sample = train_set.select(range(min(64, len(train_set))))
