@@ -146,13 +146,13 @@ def training_arguments(
     seed: int,
     device: torch.device,
     has_validation: bool,
-    packed: bool = False,
     profile: bool = False,
 ):
     """The `TrainingArguments` of one run, from the `train` section.
 
-    Unpacked examples are batched by similar length (`group_by_length`, lengths from the `length` column);
-    packed rows are nearly all of one length, so they are drawn at random. A profiled run trains
+    The training order is the Trainer's random draw, except where `train` gives a sampler (unpacked
+    examples grouped by length, domain re-weighting); packed rows are nearly all of one length, so they
+    are drawn at random. A profiled run trains
     `PROFILE_STEPS` steps and neither evaluates nor saves.
     """
     from transformers import TrainingArguments
@@ -200,7 +200,7 @@ def training_arguments(
         run_name=run.path.name,
         disable_tqdm=True,
         remove_unused_columns=False,
-        train_sampling_strategy="random" if packed else "group_by_length",
+        train_sampling_strategy="random",
         dataloader_num_workers=0,
         **precision_flags(cfg.precision, device),
     )
@@ -249,7 +249,7 @@ def train(
     progress_callback = ProgressCallback()
     health = TrainingHealthCallback(cfg.max_grad_norm_spike)
     sampler, reweight = _domain_reweighting(domain_weights, train_set, eval_set, collator, seed)
-    args = training_arguments(cfg, run, seed, device, eval_set is not None and not profile, packed, profile)
+    args = training_arguments(cfg, run, seed, device, eval_set is not None and not profile, profile)
     if sampler is None and not packed:
         sampler = _length_grouped_sampler(train_set, args, seed)
     meter = _meter(model, args, data, device)
