@@ -7,7 +7,8 @@ template, labels -100 on prompt tokens). Every run gets the same token ids and l
 cosine schedule with warm-up, clipping, seed and number of optimizer steps. The runs:
 
 - seektune: `apply_method` + `seektune.train.trainer.train` on rows packed by `seektune.data.pack` (what
-  `data.packing: true` does, rows of --seq-len tokens), --batch-size rows per step, fp32 (seektune's
+  `data.packing: true` does with its default `pack_order: shuffled` and the run's seed, rows of --seq-len
+  tokens), --batch-size rows per step, fp32 (seektune's
   choice on a CPU). Its collator and progress callback are wrapped to count tokens and time steps.
 - TRL: `SFTTrainer` given the same PEFT model (made by `apply_method`: PEFT 0.21 would rewrite the MLP
   target names into the routed experts, huggingface/peft#3711) and the same `input_ids`/`labels` as a
@@ -222,7 +223,7 @@ def phase_seektune(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, tokenizer = _lora_model(spec)
     train_set, validation = _datasets(spec)
-    packed, stats = pack_dataset(train_set, spec["seq_len"])
+    packed, stats = pack_dataset(train_set, spec["seq_len"], seed=spec["seed"])
     record = StepRecord()
     make_collator = collate.collator_for
     collate.collator_for = lambda *args: TokenCounter(make_collator(*args), record.tokens)
@@ -300,7 +301,7 @@ def phase_plain(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, tokenizer = _lora_model(spec)
     train_set, validation = _datasets(spec)
-    packed, _ = pack_dataset(train_set, spec["seq_len"])
+    packed, _ = pack_dataset(train_set, spec["seq_len"], seed=spec["seed"])
     record = StepRecord()
     collator = TokenCounter(PackedCollator(_pad(tokenizer)), record.tokens)
     generator = torch.Generator().manual_seed(spec["seed"])
@@ -450,7 +451,7 @@ def prepare(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         validation = validation.select(range(min(args.validation_examples, len(validation))))
     train_set.save_to_disk(str(root / "data" / "train"))
     validation.save_to_disk(str(root / "data" / "validation"))
-    _, stats = pack_dataset(prepared.tokenized["train"], args.seq_len)
+    _, stats = pack_dataset(prepared.tokenized["train"], args.seq_len, seed=args.seed)
     examples_per_row = stats["examples"] / stats["rows"]
     return {
         "base": base,

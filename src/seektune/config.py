@@ -319,6 +319,12 @@ class DataConfig(Section):
     pack_length: int | None = Field(
         None, ge=16, description="Tokens per packed row; None: max_length. Batch = batch_size rows."
     )
+    pack_order: Literal["shuffled", "decreasing"] = Field(
+        "shuffled",
+        description="Which examples share a row: first fit in a seeded random order (rows mix examples like "
+        "random batches), or longest first (fills rows tightest, but rows of look-alike examples make a "
+        "noisier gradient).",
+    )
     system_prompt: str | None = Field(None, description="System message put before every conversation.")
 
     @model_validator(mode="after")

@@ -1,9 +1,10 @@
-"""Packing: first-fit decreasing bins, packed rows, the packed collator, loss parity with unpacked runs."""
+"""Packing: first-fit bins (shuffled, decreasing), packed rows, the packed collator, loss parity."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,7 @@ VOCAB = 128
 PAD = 7
 
 
-def _naive_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def _naive_first_fit(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:
     bins: list[list[int]] = []
     free: list[int] = []
     for index in order:
@@ -34,7 +34,7 @@ def _naive_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[
 def test_pack_lengths_is_first_fit_decreasing_on_a_hand_example():
     # Sorted: 8, 5, 4, 3, 1. 8 opens bin 0 (2 left), 5 opens bin 1, 4 joins bin 1 (1 left), 3 opens bin 2,
     # and 1 goes to the FIRST bin with room, bin 0 (best fit would have chosen bin 1, with exactly 1 left).
-    assert pack_lengths([5, 3, 8, 1, 4], 10) == [[2, 3], [0, 4], [1]]
+    assert pack_lengths([5, 3, 8, 1, 4], 10, order="decreasing") == [[2, 3], [0, 4], [1]]
 
 
 def test_pack_lengths_properties_on_random_lengths():
@@ -42,11 +42,42 @@ def test_pack_lengths_properties_on_random_lengths():
     for _ in range(30):
         capacity = rng.randint(8, 64)
         lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 200))]
-        bins = pack_lengths(lengths, capacity)
+        bins = pack_lengths(lengths, capacity, order="decreasing")
         assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # every index exactly once
         assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
-        assert bins == _naive_first_fit_decreasing(lengths, capacity)
-        assert pack_lengths(lengths, capacity) == bins  # deterministic
+        assert bins == _naive_first_fit(
+            lengths, capacity, sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        )
+        assert pack_lengths(lengths, capacity, order="decreasing") == bins  # deterministic
+
+
+def test_shuffled_packing_is_first_fit_over_a_seeded_permutation():
+    rng = random.Random(1)
+    for seed in range(20):
+        capacity = rng.randint(8, 64)
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 200))]
+        bins = pack_lengths(lengths, capacity, seed=seed)  # shuffled is the default
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+        permutation = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+        assert bins == _naive_first_fit(lengths, capacity, permutation)
+        assert pack_lengths(lengths, capacity, seed=seed) == bins
+    assert pack_lengths(list(range(1, 40)), 50, seed=0) != pack_lengths(list(range(1, 40)), 50, seed=1)
+
+
+def test_shuffled_rows_mix_lengths_where_decreasing_rows_sort_them():
+    """Why shuffled is the default: first-fit decreasing makes rows of look-alike examples."""
+    lengths = [100] * 50 + [10] * 500  # 50 long and 500 short examples, rows of 200
+    rows = {order: pack_lengths(lengths, 200, order=order) for order in ("decreasing", "shuffled")}
+    mixed = {order: sum(len({lengths[i] for i in row}) > 1 for row in bins) for order, bins in rows.items()}
+    assert mixed["decreasing"] == 0  # rows of two long examples, then rows of twenty short ones
+    assert mixed["shuffled"] > len(rows["shuffled"]) // 2
+    assert len(rows["shuffled"]) == len(rows["decreasing"]) == 50  # still full rows here
+
+
+def test_pack_lengths_refuses_an_unknown_order():
+    with pytest.raises(ValueError, match="order must be one of shuffled, decreasing, got 'longest'"):
+        pack_lengths([3, 2], 8, order="longest")
 
 
 def test_pack_lengths_refuses_an_example_over_the_budget():
@@ -70,7 +101,7 @@ def _examples(lengths: list[int], seed: int = 0) -> Dataset:
 
 def test_pack_dataset_rows_restart_positions_and_mask_first_labels():
     examples = _examples([5, 3, 6, 2, 4])
-    packed, stats = pack_dataset(examples, 8)
+    packed, stats = pack_dataset(examples, 8, order="decreasing")
     assert packed.column_names == ["input_ids", "labels", "position_ids", "length"]
     # FFD over [5, 3, 6, 2, 4] in 8: [6, 2], [5, 3], [4].
     assert packed["length"] == [8, 8, 4]
@@ -83,7 +114,12 @@ def test_pack_dataset_rows_restart_positions_and_mask_first_labels():
     assert labels[2:5] == examples[0]["input_ids"][2:5]
     # Example 3 (2 tokens, labels [-100, -100]) and example 2: no label learnt at either start.
     assert packed[0]["labels"][6:] == [-100, -100]
-    assert stats["examples"] == 5 and stats["rows"] == 3 and stats["tokens"] == 20
+    assert (
+        stats["examples"] == 5
+        and stats["rows"] == 3
+        and stats["tokens"] == 20
+        and stats["order"] == "decreasing"
+    )
     assert stats["fill"] == pytest.approx(20 / 24, abs=1e-4)
     # One batch of 8: unpacked pads 5 examples to 6 (30 - 20 = 10), packed pads 3 rows to 8 (24 - 20 = 4).
     assert stats["padding_saved"] == stats["padding_saved_shuffled"] == 6
@@ -91,7 +127,7 @@ def test_pack_dataset_rows_restart_positions_and_mask_first_labels():
 
 def test_pack_dataset_forces_a_boundary_label_even_when_the_example_learns_its_first_token():
     examples = Dataset.from_dict({"input_ids": [[10, 11, 12], [20, 21]], "labels": [[10, 11, 12], [20, 21]]})
-    packed, _ = pack_dataset(examples, 5)
+    packed, _ = pack_dataset(examples, 5, order="decreasing")
     assert packed[0]["labels"] == [-100, 11, 12, -100, 21]
     assert packed[0]["length"] == 5  # lengths were computed from input_ids (no `length` column)
 
@@ -203,11 +239,11 @@ def test_packed_loss_equals_unpacked_loss(family: str, attention: str):
     examples = _examples(LENGTHS, seed=1)
     with torch.no_grad():
         reference = _one_by_one(model, examples)
-        one_row, _ = pack_dataset(examples, sum(LENGTHS))
+        one_row, _ = pack_dataset(examples, sum(LENGTHS), order="decreasing")
         assert len(one_row) == 1
         packed = _packed_loss(model, one_row)
         # Two rows of different lengths: the shorter is padded, and its padding must not leak either.
-        two_rows, _ = pack_dataset(examples, 13)
+        two_rows, _ = pack_dataset(examples, 13, order="decreasing")
         assert len(two_rows) == 2 and len(set(two_rows["length"])) == 2
         padded = _packed_loss(model, two_rows)
         # Plain concatenation (positions 0..n-1 across examples): each example attends to the earlier ones.

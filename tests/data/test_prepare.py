@@ -98,10 +98,17 @@ def test_documents_train_in_windows_and_packing_fills_rows(tmp_path, tokenizer):
     # packing keeps every token: the rows hold exactly the tokens of the unpacked examples
     assert sum(train["length"]) == prepared.report["train_tokens"]
     packing = prepared.report["packing"]["train"]
-    assert packing["rows"] < packing["examples"] and packing["fill"] > 0.8
+    assert packing["rows"] < packing["examples"] and packing["fill"] > 0.8 and packing["order"] == "shuffled"
     for row in train:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert all(row["labels"][i] == IGNORE_INDEX for i in starts)
+    # The row layout follows the run's seed (shuffled order) and data.pack_order.
+    again = prepare_data(cfg, tokenizer, seed=0, out_dir=tmp_path / "again").tokenized["train"]
+    other = prepare_data(cfg, tokenizer, seed=1, out_dir=tmp_path / "other").tokenized["train"]
+    assert again["input_ids"] == train["input_ids"] and other["input_ids"] != train["input_ids"]
+    decreasing = cfg.model_copy(update={"pack_order": "decreasing"})
+    rows = prepare_data(decreasing, tokenizer, seed=0, out_dir=tmp_path / "decreasing").tokenized["train"]
+    assert rows["length"][0] == max(rows["length"]) and rows["input_ids"] != train["input_ids"]
 
 
 def test_every_record_removed_by_cleaning_is_one_clear_error(tmp_path, tokenizer):

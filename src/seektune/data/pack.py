@@ -1,8 +1,17 @@
 """Packing: several tokenised examples per training row, with no attention and no loss across them.
 
-`pack_lengths` assigns examples to rows of at most `pack_length` tokens by first-fit decreasing (longest
-first, each into the first row with room), in O(n log n) with a max-segment tree over the rows' free
-space. `pack_dataset` builds the rows: the examples' `input_ids` and `labels` concatenated, `position_ids`
+`pack_lengths` assigns examples to rows of at most `pack_length` tokens by first fit (each example into the
+first row with room), in O(n log n) with a max-segment tree over the rows' free space. The examples come
+in a seeded random order by default (`order="shuffled"`), or longest first (`"decreasing"`, first-fit
+decreasing). Decreasing fills rows tightest but makes them clusters of look-alikes: rows of a dozen
+mid-length examples, rows of one long example and short fillers. A batch of such rows is a cluster
+sample, with a noisier gradient than a batch of examples drawn at random; on the training benchmark
+(LoRA, tiny DeepSeek-V3, 8 steps of 8 rows of 512) it left the validation loss after the same real tokens
++0.0011 to +0.0029 above padded random batches over three seeds, and shuffled rows -0.0007 to +0.0010.
+Shuffled rows cost little fill when most examples are short against the row (98.5% against 98.9% on the
+stdlib chats; 97-99.8% against 99.6-99.9% on synthetic length mixes up to the full row).
+
+`pack_dataset` builds the rows: the examples' `input_ids` and `labels` concatenated, `position_ids`
 restarting at 0 for each example, and the first label of every example set to -100 so that the last
 token of one example is never trained to predict the first token of the next. With `position_ids` that
 restart and no `attention_mask`, transformers builds a block-diagonal causal mask for sdpa and eager
@@ -40,12 +49,20 @@ logger = logging.getLogger(__name__)
 PACK_BATCH_ROWS = 1000  # packed rows built per `map` batch
 
 
-def pack_lengths(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
-    """Bins of example indices whose lengths add up to at most `pack_length` (first-fit decreasing).
+PACK_ORDERS = ("shuffled", "decreasing")
 
-    Deterministic: ties in length are taken in index order. Inside a bin, indices are in placement order
-    (longest first).
+
+def pack_lengths(
+    lengths: Sequence[int], pack_length: int, order: str = "shuffled", seed: int = 0
+) -> list[list[int]]:
+    """Bins of example indices whose lengths add up to at most `pack_length`, by first fit over the
+    examples in a random order drawn from `seed` (`order="shuffled"`) or longest first ("decreasing").
+
+    Deterministic for a given seed; in decreasing order, ties in length are taken in index order. Inside a
+    bin, indices are in placement order.
     """
+    if order not in PACK_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(PACK_ORDERS)}, got {order!r}")
     sizes = np.asarray(lengths, dtype=np.int64)
     if pack_length < 1:
         raise ValueError(f"pack_length must be positive, got {pack_length}")
@@ -58,10 +75,13 @@ def pack_lengths(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
             f"example {first} has {int(sizes[first])} tokens, more than pack_length={pack_length}: "
             "drop or truncate examples before packing"
         )
-    order = np.argsort(-sizes, kind="stable")
+    if order == "decreasing":
+        ranked = np.argsort(-sizes, kind="stable")
+    else:
+        ranked = np.random.default_rng(seed).permutation(sizes.size)
     # First fit leaves at most one bin half empty or worse, so it never needs more than 2 * total / L + 1.
     max_bins = int(min(sizes.size, 2 * int(sizes.sum()) // pack_length + 2))
-    return _first_fit(order.tolist(), sizes[order].tolist(), pack_length, max_bins)
+    return _first_fit(ranked.tolist(), sizes[ranked].tolist(), pack_length, max_bins)
 
 
 def _first_fit(indices: list[int], sizes: list[int], capacity: int, max_bins: int) -> list[list[int]]:
@@ -92,22 +112,28 @@ def _first_fit(indices: list[int], sizes: list[int], capacity: int, max_bins: in
 
 
 def pack_dataset(
-    tokenized: Dataset, pack_length: int, num_proc: int | None = None, batch_size: int = 8
+    tokenized: Dataset,
+    pack_length: int,
+    num_proc: int | None = None,
+    batch_size: int = 8,
+    order: str = "shuffled",
+    seed: int = 0,
 ) -> tuple[Dataset, dict[str, Any]]:
-    """Pack `tokenized` (columns `input_ids`, `labels`, optionally `length`) into rows of `pack_length`.
+    """Pack `tokenized` (columns `input_ids`, `labels`, optionally `length`) into rows of `pack_length`,
+    assigned by `pack_lengths(..., order, seed)`.
 
     Returns (rows, stats): the rows have `input_ids`, `labels` (-100 on the first token of each example),
     `position_ids` (restarting at 0 per example) and `length` (real tokens in the row). Other columns
     (`source`, ...) are dropped: a row mixes examples. The stats report `examples`, `rows`, `pack_length`,
-    `tokens`, `fill` (tokens / (rows * pack_length)) and two estimates of the padding tokens per epoch that
-    packing avoids, against padding each example to the longest of its batch of `batch_size` examples:
-    `padding_saved` with batches of similar length (what training does without packing, `group_by_length`)
-    and `padding_saved_shuffled` with batches in random order.
+    `tokens`, `fill` (tokens / (rows * pack_length)), `order` and two estimates of the padding tokens per
+    epoch that packing avoids, against padding each example to the longest of its batch of `batch_size`
+    examples: `padding_saved` with batches of similar length (what training does without packing,
+    `group_by_length`) and `padding_saved_shuffled` with batches in random order.
     """
     from datasets import Dataset, Features, Sequence, Value
 
     lengths = _lengths(tokenized)
-    bins = pack_lengths(lengths, pack_length)
+    bins = pack_lengths(lengths, pack_length, order, seed)
     features = Features(
         {
             "input_ids": tokenized.features["input_ids"],
@@ -131,12 +157,12 @@ def pack_dataset(
                 remove_columns=["members"],
                 features=features,
                 # Named here, so that datasets does not hash fn_kwargs (the whole tokenised split).
-                new_fingerprint=f"pack-{getattr(tokenized, '_fingerprint', 'x')}-{pack_length}",
+                new_fingerprint=f"pack-{getattr(tokenized, '_fingerprint', 'x')}-{pack_length}-{order}{seed}",
                 desc="packing",
             )
             .with_format(None)
         )
-    stats = _pack_stats(lengths, _column(packed, "length"), pack_length, batch_size)
+    stats = {**_pack_stats(lengths, _column(packed, "length"), pack_length, batch_size), "order": order}
     logger.debug("packed %s", stats)
     return packed, stats
 

@@ -94,7 +94,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> P
         records, tokenized = _tokenize(cfg, records, tokenizer, steps)
         lengths = {split: column_values(tokenized[split], "length") for split in SPLITS}  # per example
         if cfg.packing:
-            tokenized = _pack(cfg, tokenized, report)
+            tokenized = _pack(cfg, tokenized, seed, report)
         prepared, report["fingerprint"] = _save(records, tokenized, out_dir)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -443,7 +443,9 @@ def _empty_tokenized() -> Dataset:
     return Dataset.from_dict({"input_ids": [], "labels": [], "length": [], "source": []})
 
 
-def _pack(cfg: DataConfig, tokenized: dict[str, Dataset], report: dict[str, Any]) -> dict[str, Dataset]:
+def _pack(
+    cfg: DataConfig, tokenized: dict[str, Dataset], seed: int, report: dict[str, Any]
+) -> dict[str, Dataset]:
     from seektune.data.pack import pack_dataset
 
     length = cfg.pack_length or cfg.max_length
@@ -451,7 +453,11 @@ def _pack(cfg: DataConfig, tokenized: dict[str, Dataset], report: dict[str, Any]
     for split in ("train", "validation"):
         if len(tokenized[split]):
             tokenized[split], report["packing"][split] = pack_dataset(
-                tokenized[split], length, num_proc_for(cfg, len(tokenized[split]))
+                tokenized[split],
+                length,
+                num_proc_for(cfg, len(tokenized[split])),
+                order=cfg.pack_order,
+                seed=seed,
             )
     return tokenized
 
