@@ -182,10 +182,25 @@ def _not_yet(what: str) -> None:
 
 
 @app.command()
-def tune(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Hyperparameter search with Optuna."""
-    _load(config, set_)
-    _not_yet("hyperparameter search (seektune tune)")
+def tune(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the newest unfinished search of this name (its study in its run directory); "
+            "interrupted trials run again.",
+        ),
+    ] = False,
+) -> None:
+    """Hyperparameter search with Optuna: trials train the configured model with values from tune.space."""
+    from seektune.pipeline import run_tune_stage
+
+    run_dir = run_tune_stage(_load(config, set_), resume=resume).path
+    _done(
+        run_dir, f"best config: {run_dir / 'tune' / 'best.yaml'}", f"report: {run_dir / 'tune' / 'report.md'}"
+    )
 
 
 @app.command()

@@ -503,15 +503,115 @@ class TrainConfig(Section):
     )
 
 
-class TuneConfig(Section):
-    """Hyperparameter search (Optuna); runs when enabled."""
+# Objectives a study can optimise, with the direction each is better in.
+TUNE_METRICS = {
+    "eval_loss": "minimize",
+    "train_loss": "minimize",
+    "perplexity": "minimize",
+    "rouge_l": "maximize",
+    "eos_rate": "maximize",
+    "latency_s": "minimize",
+    "trainable_params": "minimize",
+    "train_runtime_s": "minimize",
+    "tokens_per_s": "maximize",
+    "peak_memory_gb": "minimize",
+}
+TuneMetric = Literal[
+    "eval_loss",
+    "train_loss",
+    "perplexity",
+    "rouge_l",
+    "eos_rate",
+    "latency_s",
+    "trainable_params",
+    "train_runtime_s",
+    "tokens_per_s",
+    "peak_memory_gb",
+]
+Direction = Literal["minimize", "maximize"]
 
-    enabled: bool = Field(False, description="Run a search before the final training.")
-    n_trials: int = Field(10, ge=1, description="Trials to run.")
-    sampler: Literal["grid", "random", "tpe", "cmaes"] = Field("tpe", description="Optuna sampler.")
-    metric: str = Field("eval_loss", description="Objective: the validation loss or any evaluation metric.")
-    direction: Literal["minimize", "maximize"] = Field("minimize", description="Optimisation direction.")
-    space: dict[str, Any] = Field(default_factory=dict, description="Search space by dotted config key.")
+
+class TuneConfig(Section):
+    """Hyperparameter search (Optuna): `seektune tune`, and `seektune run` when enabled."""
+
+    enabled: bool = Field(False, description="`seektune run`: search first, then evaluate the best trial.")
+    n_trials: int = Field(10, ge=1, description="Trials of the whole study (all workers together).")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Stop starting new trials after this many seconds (per worker)."
+    )
+    sampler: Literal["grid", "random", "tpe", "cmaes"] = Field(
+        "tpe", description="Optuna sampler: grid, random, TPE (Bayesian) or CMA-ES."
+    )
+    metric: TuneMetric | list[TuneMetric] = Field(
+        "eval_loss",
+        description="Objective: the validation loss, an evaluation metric on the validation split "
+        "(perplexity, rouge_l, eos_rate, latency_s: generation seconds per answer) or a cost "
+        "(trainable_params, train_runtime_s, tokens_per_s, peak_memory_gb); a list for a Pareto front.",
+    )
+    direction: Direction | list[Direction] | None = Field(
+        None, description="minimize or maximize per metric; None: each metric's natural direction."
+    )
+    pruner: Literal["auto", "none", "median", "hyperband"] = Field(
+        "auto",
+        description="Stop hopeless trials early from their validation loss at each evaluation; 'auto': "
+        "median when the one objective is eval_loss, else none.",
+    )
+    pruner_startup_trials: int = Field(
+        2, ge=0, description="Trials that run to the end before the median pruner prunes any."
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage: None: a SQLite file in the run directory; a database URL "
+        "(sqlite:///..., postgresql://...) or journal:<path> (a file on a shared disk) for several workers.",
+    )
+    study_name: str | None = Field(None, description="Study name in the storage; None: the run name.")
+    include_config: bool = Field(
+        True, description="Run the config's own values as the first trial, the baseline to beat."
+    )
+    keep_models: Literal["best", "all"] = Field(
+        "best", description="Trained models kept on disk: the best trial's (Pareto front's), or every one."
+    )
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Search space by dotted config key: {type: float|int|categorical, low, high, log, step, "
+        "choices, when} or a list of choices (docs/tune.md).",
+    )
+
+    def metrics(self) -> list[str]:
+        """The objectives, in order."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    def directions(self) -> list[str]:
+        """The direction of every objective."""
+        if self.direction is None:
+            return [TUNE_METRICS[m] for m in self.metrics()]
+        return [self.direction] if isinstance(self.direction, str) else list(self.direction)
+
+    def pruner_name(self) -> str:
+        """The pruner in effect ('auto' resolved)."""
+        if self.pruner != "auto":
+            return self.pruner
+        return "median" if self.metrics() == ["eval_loss"] else "none"
+
+    @model_validator(mode="after")
+    def _objectives_agree(self) -> TuneConfig:
+        metrics = self.metrics()
+        if not metrics:
+            raise ValueError("tune.metric needs at least one metric")
+        if len(set(metrics)) < len(metrics):
+            raise ValueError("tune.metric lists a metric twice")
+        if len(self.directions()) != len(metrics):
+            raise ValueError(f"tune.direction needs one direction per metric ({len(metrics)})")
+        if len(metrics) > 1 and self.pruner_name() != "none":
+            raise ValueError(
+                "Optuna cannot prune a multi-objective study: set tune.pruner: none (or search one metric)"
+            )
+        if self.pruner_name() != "none" and metrics[0] != "eval_loss":
+            raise ValueError(
+                f"tune.pruner stops trials from the validation loss at each evaluation, which is not the "
+                f"objective {metrics[0]}: set tune.pruner: none, or tune.metric: eval_loss"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from seektune.config import SeektuneConfig, config_to_yaml
@@ -39,11 +40,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_IN_REPORT = 5
 # The CLI verb that reruns each kind of run.
-_VERBS = {"run": "run", "data": "data prepare", "train": "train", "eval": "eval"}
+_VERBS = {"run": "run", "data": "data prepare", "train": "train", "eval": "eval", "tune": "tune"}
 
 # Sections whose stage arrives with a later release: enabling one stops before anything runs.
 _NOT_YET = {
-    "tune": "hyperparameter search",
     "compress": "compression",
     "registry": "the model registry",
 }
@@ -97,6 +97,11 @@ def _check_launch(cfg: SeektuneConfig, command: str) -> None:
     """Refuse, before anything runs, what several processes cannot do together."""
     if world_size() < 2:
         return
+    if command == "tune" or (command == "run" and cfg.tune.enabled):
+        raise UserError(
+            "a search runs its trials one process each: start `seektune tune` without a launcher, once per "
+            "worker, all with the same tune.storage (docs/tune.md)"
+        )
     if cfg.model.device.startswith("cuda:"):
         raise UserError(
             f"model.device is {cfg.model.device!r}, which puts every process of this {world_size()}-process "
@@ -353,6 +358,49 @@ def _train(
     return model
 
 
+def _previous_study(cfg: SeektuneConfig, resume: bool) -> str | None:
+    """With --resume: the storage of the newest unfinished search of this name (its own SQLite file)."""
+    if not resume or cfg.tune.storage:
+        return None  # a named storage is continued by name anyway
+    from seektune.train.checkpoints import unfinished_runs
+    from seektune.tune.study import STUDY_FILE, TUNE_DIR
+
+    for run in unfinished_runs(cfg.output_dir, cfg.name):
+        study = run / TUNE_DIR / STUDY_FILE
+        if study.is_file():
+            return f"sqlite:///{study.resolve()}"
+    raise UserError(
+        f"nothing to resume: no unfinished search named {cfg.name!r} in {cfg.output_dir}; run without "
+        "--resume to start a new one"
+    )
+
+
+def _search(state: RunContext, data: Any, resumed: str | None) -> Any:
+    """The hyperparameter search (continuing the study at `resumed`, an earlier run's SQLite file, when
+    given); the best trial's model ends in `<run>/model`."""
+    from seektune.tune.study import run_search
+
+    if resumed:
+        state.summary["run"]["resumed_from"] = resumed
+    result = run_search(state.cfg, state.run, data, _tokenizer(state.cfg), resumed)
+    if resumed and is_main_process():  # its study is finished here: --resume no longer picks that run
+        earlier = RunDir(Path(resumed.removeprefix("sqlite:///")).parents[1])
+        earlier.mark_status("completed", stage=f"tune, continued in {state.run.path.name}")
+    state.summary["tune"] = {
+        **result.report,
+        "config": str(result.config_path) if result.config_path else None,
+    }
+    state.run.update_metrics(
+        "tune", {"study": result.study_name, "storage": result.storage, "best": result.best}
+    )
+    if result.model_dir is None:
+        raise UserError(
+            f"no trial of the search completed (see {state.run.path / 'tune' / 'report.md'}): fix the "
+            "failing trials' errors there, or widen tune.space"
+        )
+    return result
+
+
 def _domain_weights(cfg: SeektuneConfig, data: Any) -> Any:
     """The dynamic source weights (`data.mix.dynamic`), starting from the training split's shares."""
     if not cfg.data.mix.dynamic:
@@ -406,7 +454,8 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
     check_stages_available(cfg)
     _check_memory(cfg)
     options = options or TrainOptions()
-    checkpoint = _resume_checkpoint(cfg, options)
+    searched = _previous_study(cfg, options.resume) if cfg.tune.enabled else None
+    checkpoint = None if cfg.tune.enabled else _resume_checkpoint(cfg, options)
     with open_run(cfg, "run") as state:
         data = _prepare(state)  # bad data stops before any weight is loaded
         if cfg.eval.enabled:
@@ -415,9 +464,30 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate_on_main(state, "base", loaded.model, loaded.tokenizer, data)
-        model = _train(state, loaded, data, weights, checkpoint, options)
+        if cfg.tune.enabled:
+            result = _search(state, data, searched)
+            model = _load_trained(cfg, result.model_dir)
+        else:
+            model = _train(state, loaded, data, weights, checkpoint, options)
         if cfg.eval.enabled:
             _evaluate_on_main(state, "tuned", model, loaded.tokenizer, data)
+        _finish(state)
+    return state.run
+
+
+def _load_trained(cfg: SeektuneConfig, model_dir: Any) -> Any:
+    from seektune.models.load import load_model
+
+    return load_model(cfg.model.model_copy(update={"name_or_path": str(model_dir)})).model
+
+
+def run_tune_stage(cfg: SeektuneConfig, resume: bool = False) -> RunDir:
+    """Prepare the data and search hyperparameters; the best trial's config and model end in the run."""
+    check_stages_available(cfg)
+    url = _previous_study(cfg, resume)
+    with open_run(cfg, "tune") as state:
+        data = _prepare(state)
+        _search(state, data, url)
         _finish(state)
     return state.run
 

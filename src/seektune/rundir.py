@@ -143,6 +143,15 @@ class RunDir:
         return cls(path)
 
     @classmethod
+    def create_at(cls, path: Path) -> RunDir:
+        """Make the run directory `path` itself (a nested run: one trial of a search) and its subfolders."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for sub in _SUBDIRS:
+            (path / sub).mkdir(exist_ok=True)
+        return cls(path)
+
+    @classmethod
     def open(cls, path: Path) -> RunDir:
         """An existing run directory (for resume, report and evaluation of a finished run)."""
         path = Path(path)

@@ -111,17 +111,20 @@ def find_resume_checkpoint(output_dir: Path, name: str) -> Path | None:
     Runs that completed are not resumed (their training is over); a run killed with SIGKILL still says
     "running" in its status, one stopped by an error or a signal says "failed": both are resumable.
     """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    runs = [(order, path) for path in output_dir.iterdir() if (order := _run_order(path, name))]
-    for _, run in sorted(runs, reverse=True):
-        if _run_state(run) == "completed":
-            continue
+    for run in unfinished_runs(output_dir, name):
         complete = complete_checkpoints(run / "checkpoints")
         if complete:
             return complete[-1]
     return None
+
+
+def unfinished_runs(output_dir: Path, name: str) -> list[Path]:
+    """The run directories of run `name` in `output_dir` that did not complete, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    runs = [(order, path) for path in output_dir.iterdir() if (order := _run_order(path, name))]
+    return [run for _, run in sorted(runs, reverse=True) if _run_state(run) != "completed"]
 
 
 def _run_state(run: Path) -> str | None:

@@ -226,6 +226,7 @@ def train(
     checkpoint_identity: dict[str, Any] | None = None,
     resume: ResumePoint | None = None,
     profile: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on the prepared training split; save the result to `<run>/model`.
 
@@ -233,7 +234,8 @@ def train(
     which are updated from the per-domain validation loss after every evaluation. With `resume`, training
     continues from that checkpoint (weights, optimizer, scheduler, RNG and data position), or with new
     data keeps the weights and optimizer and starts the data and schedule afresh. With `profile`, a few
-    steps run under the profiler and nothing is saved (`TrainResult.profile`).
+    steps run under the profiler and nothing is saved (`TrainResult.profile`). `callbacks` are added to the
+    Trainer's (a search's pruning reporter).
     """
     from transformers import PrinterCallback
 
@@ -268,7 +270,7 @@ def train(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        callbacks=[progress_callback, health, *extra] + ([reweight] if reweight else []),
+        callbacks=[progress_callback, health, *extra, *(callbacks or [])] + ([reweight] if reweight else []),
         train_sampler=sampler,
         checkpoint_identity=checkpoint_identity or {},
         meter=meter,
