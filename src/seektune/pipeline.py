@@ -67,6 +67,12 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
         from seektune.models.prefix import check_prefix_compatible
 
         check_prefix_compatible(cfg.data)
+    if cfg.tune.enabled:
+        from seektune.tune.study import check_space, open_storage
+
+        check_space(cfg)
+        if cfg.tune.storage:
+            open_storage(cfg.tune.storage)  # a storage that cannot open stops before any run directory
 
 
 def _check_memory(cfg: SeektuneConfig) -> None:
@@ -483,6 +489,7 @@ def _load_trained(cfg: SeektuneConfig, model_dir: Any) -> Any:
 
 def run_tune_stage(cfg: SeektuneConfig, resume: bool = False) -> RunDir:
     """Prepare the data and search hyperparameters; the best trial's config and model end in the run."""
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": True})})
     check_stages_available(cfg)
     url = _previous_study(cfg, resume)
     with open_run(cfg, "tune") as state:

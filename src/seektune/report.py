@@ -255,8 +255,25 @@ def _headline(summary: dict[str, Any]) -> str:
         text = _compare_headline(models["base"], models["tuned"])
     elif len(models) == 1:
         text = _single_model_headline(*next(iter(models.items())))
-    text = text or _training_headline(summary.get("train") or {})
+    text = (
+        text or _training_headline(summary.get("train") or {}) or _search_headline(summary.get("tune") or {})
+    )
     return text or "This run has no training or evaluation results yet."
+
+
+def _search_headline(tune: dict[str, Any]) -> str | None:
+    best = tune.get("best") or (tune.get("pareto") or [None])[0]
+    if not best:
+        return None
+    trials = sum((tune.get("trials") or {}).values())
+    values = ", ".join(f"{_md_escape(k)} {_fmt_num(v)}" for k, v in best["values"].items())
+    gains = [
+        f"{_fmt_pct(abs(change))} {'lower' if change < 0 else 'higher'} {_md_escape(name)}"
+        for name, change in (tune.get("improvement") or {}).items()
+        if _is_number(change) and change
+    ]
+    against = f", {_join(gains)} than the config's own values" if gains else ""
+    return f"The search ran {trials} trials; the best, trial {best['number']}, reached {values}{against}."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,6 +353,25 @@ def _training_section(train: dict[str, Any], loss_plot: str | None) -> list[str]
     elif train.get("history") is not None:
         lines += ["No loss was logged, so there is no loss curve.", ""]
     return lines + _domain_shares_section(train.get("domain_shares") or [])
+
+
+def _search_section(tune: dict[str, Any]) -> list[str]:
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in (tune.get("trials") or {}).items() if n)
+    lines = [
+        "## Hyperparameter search",
+        "",
+        f"- Study `{_md_escape(tune.get('study'))}`: {counts or 'no trials'}.",
+    ]
+    best = tune.get("best") or (tune.get("pareto") or [None])[0]
+    if best:
+        params = ", ".join(f"`{k}` = {_fmt_num(v)}" for k, v in best["params"].items())
+        lines.append(f"- Best trial {best['number']}: {params or 'the config as it is'}.")
+    lines += [
+        "- The whole search (history, importances, every trial): [tune/report.md](tune/report.md); the best "
+        "trial's config, ready to train: [tune/best.yaml](tune/best.yaml).",
+        "",
+    ]
+    return lines
 
 
 def _domain_shares_section(history: list[dict[str, Any]]) -> list[str]:
@@ -557,6 +593,8 @@ def render_report(run: RunDir, summary: dict[str, Any], loss_plot: str | None, e
     lines += _run_section(info)
     if summary.get("data"):
         lines += _data_section(summary["data"])
+    if summary.get("tune"):
+        lines += _search_section(summary["tune"])
     if summary.get("train"):
         lines += _training_section(summary["train"], loss_plot)
     if summary.get("eval"):

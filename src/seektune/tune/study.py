@@ -120,10 +120,6 @@ def make_sampler(cfg: SeektuneConfig, params: list[Param]) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-        if len(cfg.tune.metrics()) > 1:
-            raise UserError(
-                "tune.sampler cmaes optimises one objective: use tpe or random for several metrics"
-            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Categorical keys fall back to random sampling inside CMA-ES (Optuna's behaviour), quietly.
@@ -364,9 +360,19 @@ def _free_memory() -> None:
 # The search
 
 
+def check_space(cfg: SeektuneConfig) -> list[Param]:
+    """The space and the sampler's needs, checked before anything runs (no run directory yet)."""
+    params = parse_space(cfg)
+    if cfg.tune.sampler == "grid":
+        grid_space(params)
+    if cfg.tune.sampler == "cmaes" and len(cfg.tune.metrics()) > 1:
+        raise UserError("tune.sampler cmaes optimises one objective: use tpe or random for several metrics")
+    return params
+
+
 def check_search(cfg: SeektuneConfig, data: Any) -> list[Param]:
     """Everything that would stop the search, checked before the first trial."""
-    params = parse_space(cfg)
+    params = check_space(cfg)
     if not len(data.tokenized["validation"]) and (
         "eval_loss" in cfg.tune.metrics()
         or cfg.tune.pruner_name() != "none"
@@ -385,8 +391,6 @@ def check_search(cfg: SeektuneConfig, data: Any) -> list[Param]:
             "split example by example, but data.packing packed it: set data.packing: false, or tune.metric: "
             "eval_loss"
         )
-    if cfg.tune.sampler == "grid":
-        grid_space(params)
     return params
 
 
