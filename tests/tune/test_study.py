@@ -69,7 +69,8 @@ def test_tpe_search_prunes_a_hopeless_trial_and_keeps_the_best(tmp_path, base_ca
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tune"]["best"][0]["number"] == best.number
     run_report = (run / "report.md").read_text()
-    assert "## Hyperparameter search" in run_report and f"the best, trial {best.number}, reached" in run_report
+    assert "## Hyperparameter search" in run_report
+    assert f"the best, trial {best.number}, reached" in run_report
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, base_cache):
