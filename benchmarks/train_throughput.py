@@ -223,7 +223,7 @@ def phase_seektune(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, tokenizer = _lora_model(spec)
     train_set, validation = _datasets(spec)
-    packed, stats = pack_dataset(train_set, spec["seq_len"], seed=spec["seed"])
+    packed, stats = pack_dataset(train_set, spec["seq_len"], seed=spec["pack_seed"])
     record = StepRecord()
     make_collator = collate.collator_for
     collate.collator_for = lambda *args: TokenCounter(make_collator(*args), record.tokens)
@@ -301,7 +301,7 @@ def phase_plain(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, tokenizer = _lora_model(spec)
     train_set, validation = _datasets(spec)
-    packed, _ = pack_dataset(train_set, spec["seq_len"], seed=spec["seed"])
+    packed, _ = pack_dataset(train_set, spec["seq_len"], seed=spec["pack_seed"])
     record = StepRecord()
     collator = TokenCounter(PackedCollator(_pad(tokenizer)), record.tokens)
     generator = torch.Generator().manual_seed(spec["seed"])
@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-dropout", type=float, default=lora.dropout)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (see above)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of weights init, data order, dropout")
+    parser.add_argument(
+        "--pack-seed", type=int, default=None, help="seed of the packed rows' layout; default: --seed"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="measure every run this often; keep the best")
     parser.add_argument("--validation-examples", type=int, default=None, help="default: all (about 200)")
     parser.add_argument("--base", default=None, help="model folder; default: the built tiny-deepseek-v3")
@@ -541,6 +544,7 @@ def _spec(args: argparse.Namespace, info: dict[str, Any], root: Path) -> dict[st
         "warmup_ratio": args.warmup_ratio,
         "threads": args.threads,
         "seed": args.seed,
+        "pack_seed": args.seed if args.pack_seed is None else args.pack_seed,
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
     }
 
