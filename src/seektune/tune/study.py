@@ -111,9 +111,8 @@ def open_storage(url: str) -> Any:
         ) from None
 
 
-def make_sampler(cfg: SeektuneConfig, params: list[Param]) -> Any:
-
-    seed = cfg.seed
+def make_sampler(cfg: SeektuneConfig, params: list[Param], seed: int) -> Any:
+    """The Optuna sampler of `tune.sampler`, seeded with `seed`."""
     name = cfg.tune.sampler
     if name == "grid":
         return optuna.samplers.GridSampler(grid_space(params), seed=seed)
@@ -132,7 +131,7 @@ def make_sampler(cfg: SeektuneConfig, params: list[Param]) -> Any:
 
 
 def make_pruner(cfg: SeektuneConfig) -> Any:
-
+    """The Optuna pruner of `tune.pruner` (NopPruner for none)."""
     name = cfg.tune.pruner_name()
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials)
@@ -151,7 +150,6 @@ def open_study(cfg: SeektuneConfig, params: list[Param], url: str) -> Any:
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        sampler=make_sampler(cfg, params),
         pruner=make_pruner(cfg),
         directions=directions,
         load_if_exists=True,
@@ -172,6 +170,10 @@ def open_study(cfg: SeektuneConfig, params: list[Param], url: str) -> Any:
         raise UserError(
             f"study {name!r} in {url} optimises in another direction: give tune.study_name a new name"
         )
+    # The run's seed makes a fresh single-worker search reproducible. A continued study and each worker
+    # of a shared one get seeds of their own, or a random sampler would replay the trials already run.
+    seed = cfg.seed + 1009 * len(study.trials) + (os.getpid() if cfg.tune.storage else 0)
+    study.sampler = make_sampler(cfg, params, seed % 2**32)
     return study
 
 
