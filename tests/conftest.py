@@ -26,6 +26,13 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def quickstart_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty cache folder for the full-size default base: the first test that runs the quickstart's
+    model builds it there from scratch (as a fresh machine would), the later ones reuse it."""
+    return tmp_path_factory.mktemp("quickstart-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_logging():
     yield

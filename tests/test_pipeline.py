@@ -81,12 +81,11 @@ def test_tuned_model_beats_the_base(tmp_path, base_cache):
 
 
 @pytest.mark.slow
-def test_quickstart_config_beats_the_base(tmp_path):
-    """configs/quickstart.yaml as the README runs it (its own full-size base, built here from scratch)."""
+def test_quickstart_config_beats_the_base(tmp_path, quickstart_cache):
+    """configs/quickstart.yaml as the README runs it (its own full-size base, built from scratch by the
+    first test of the session that needs it, normally this one)."""
     quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-    cfg = load_config(
-        quickstart, [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={tmp_path / 'cache'}"]
-    )
+    cfg = load_config(quickstart, [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={quickstart_cache}"])
     run = run_pipeline(cfg)
     improvement = json.loads(run.metrics_path.read_text())["eval"]["improvement"]
     assert improvement["perplexity_relative"] < -0.2

@@ -559,6 +559,13 @@ class TuneConfig(Section):
     pruner_startup_trials: int = Field(
         2, ge=0, description="Trials that run to the end before the median pruner prunes any."
     )
+    pruner_warmup_ratio: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of a trial's steps before the median pruner may stop it (early losses mostly "
+        "reflect the warm-up, not where a trial ends).",
+    )
     storage: str | None = Field(
         None,
         description="Optuna storage: None: a SQLite file in the run directory; a database URL "

@@ -49,10 +49,10 @@ def test_tpe_search_prunes_a_hopeless_trial_and_keeps_the_best(tmp_path, base_ca
     study = optuna.load_study(study_name="t", storage=url)
     first, hopeless, third = study.trials
     assert first.state == TrialState.COMPLETE and first.user_attrs["steps"] == 6
-    assert sorted(first.intermediate_values) == [2, 4, 6]
+    assert sorted(first.intermediate_values) == [32, 64, 96]  # reported against rows seen (16 per step)
     # Median pruner, one startup trial: at its first evaluation the hopeless trial is above the median.
     assert hopeless.state == TrialState.PRUNED and hopeless.user_attrs["pruned_at"] == 2
-    assert hopeless.user_attrs["steps"] == 2 and list(hopeless.intermediate_values) == [2]
+    assert hopeless.user_attrs["steps"] == 2 and list(hopeless.intermediate_values) == [32]
     assert not (Path(hopeless.user_attrs["run_dir"]) / "model").exists()
     assert third.state in (TrialState.COMPLETE, TrialState.PRUNED)
     best = study.best_trial

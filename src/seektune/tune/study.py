@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -130,17 +131,24 @@ def make_sampler(cfg: SeektuneConfig, params: list[Param], seed: int) -> Any:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
-def make_pruner(cfg: SeektuneConfig) -> Any:
-    """The Optuna pruner of `tune.pruner` (NopPruner for none)."""
+def make_pruner(cfg: SeektuneConfig, trial_rows: int | None = None) -> Any:
+    """The Optuna pruner of `tune.pruner` (NopPruner for none). Trials report against training rows seen
+    (`PruningReporter`); `trial_rows`, the rows one trial trains on, sets the median pruner's warm-up
+    (`tune.pruner_warmup_ratio` of them)."""
     name = cfg.tune.pruner_name()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        warmup = int((trial_rows or 0) * cfg.tune.pruner_warmup_ratio)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.tune.pruner_startup_trials, n_warmup_steps=warmup
+        )
+    if name == "hyperband":  # its first rung at the first evaluation, its last at the trial's end
+        per_step = rows_per_step(cfg.train.batch_size, cfg.train.gradient_accumulation_steps)
+        first = (cfg.train.eval_steps or 1) * per_step
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=trial_rows or "auto")
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: SeektuneConfig, params: list[Param], url: str) -> Any:
+def open_study(cfg: SeektuneConfig, params: list[Param], url: str, trial_rows: int | None = None) -> Any:
     """Create the study, or load it when its name exists (checked to have the same space and objectives)."""
 
     name = cfg.tune.study_name or cfg.name
@@ -150,7 +158,7 @@ def open_study(cfg: SeektuneConfig, params: list[Param], url: str) -> Any:
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        pruner=make_pruner(cfg),
+        pruner=make_pruner(cfg, trial_rows),
         directions=directions,
         load_if_exists=True,
     )
@@ -230,7 +238,12 @@ def finished_trials(study: Any) -> int:
 
 
 class PruningReporter(TrainerCallback):
-    """Reports the validation loss of every evaluation to the trial; prunes a hopeless trial there."""
+    """Reports the validation loss of every evaluation to the trial; prunes a hopeless trial there.
+
+    The loss is reported against the training rows seen so far (optimizer steps x rows per step), not the
+    step: trials that search the batch size or accumulation compare at the same amount of data, where a
+    step of 8 rows would otherwise be judged against a step of 32.
+    """
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
@@ -241,11 +254,19 @@ class PruningReporter(TrainerCallback):
         if not metrics or "eval_loss" not in metrics or step in self.reported:
             return  # the evaluation after training comes at the step of the last one
         self.reported.add(step)
-        self.trial.report(float(metrics["eval_loss"]), step)
+        rows = step * rows_per_step(args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        self.trial.report(float(metrics["eval_loss"]), rows)
         self.trial.set_user_attr("steps", step)
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at", step)
             raise optuna.TrialPruned(f"validation loss {metrics['eval_loss']:.4f} at step {step}")
+
+
+def rows_per_step(batch_size: int, accumulation: int) -> int:
+    """Training rows of one optimizer step, all processes together."""
+    from seektune.distributed import world_size
+
+    return batch_size * accumulation * world_size()
 
 
 @dataclass
@@ -404,7 +425,7 @@ def run_search(
     params = check_search(cfg, data)
     url = url or storage_url(cfg, run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(cfg, params, url)
+    study = open_study(cfg, params, url, trial_rows(cfg, len(data.tokenized["train"])))
     recover_interrupted(study)
     if cfg.tune.include_config and cfg.tune.sampler != "grid" and not study.trials:
         with warnings.catch_warnings():
@@ -431,6 +452,15 @@ def run_search(
             gc_after_trial=True,
         )
     return _finish(cfg, params, study, url, run)
+
+
+def trial_rows(cfg: SeektuneConfig, train_rows: int) -> int:
+    """Training rows one trial trains on with the config's own settings (`max_steps` or `epochs`)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps * rows_per_step(
+            cfg.train.batch_size, cfg.train.gradient_accumulation_steps
+        )
+    return max(1, math.ceil(train_rows * cfg.train.epochs))
 
 
 def _finish(cfg: SeektuneConfig, params: list[Param], study: Any, url: str, run: RunDir) -> TuneResult:
