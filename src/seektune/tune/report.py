@@ -35,6 +35,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from seektune.report import _fmt_duration, _md_escape, _table
 from seektune.rundir import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
@@ -406,34 +407,9 @@ def _fmt_pct(fraction: float) -> str:
     return f"{abs(fraction) * 100:.3g}%"
 
 
-def _fmt_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def _md_escape(text: Any) -> str:
-    """Text safe inside a markdown table cell: markup escaped, one line."""
-    text = "" if text is None else str(text)
-    text = text.replace("\\", "\\\\")
-    for char in "`*_[]<>|~#":
-        text = text.replace(char, "\\" + char)
-    return " ".join(text.split())
-
-
 def _clip(text: str, limit: int = MAX_NOTE_CHARS) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    """A markdown table; `align` has one letter per column, 'l' or 'r'."""
-    rule = ["---:" if a == "r" else "---" for a in align]
-    return [f"| {' | '.join(header)} |", f"| {' | '.join(rule)} |", *(f"| {' | '.join(r)} |" for r in rows)]
 
 
 def _metric_header(name: str, direction: StudyDirection) -> str:
