@@ -563,8 +563,8 @@ class TuneConfig(Section):
         0.25,
         ge=0,
         lt=1,
-        description="Share of a trial's steps before the median pruner may stop it (early losses mostly "
-        "reflect the warm-up, not where a trial ends).",
+        description="Share of a trial's training rows before the median pruner may stop it (early losses "
+        "mostly reflect the warm-up, not where a trial ends).",
     )
     storage: str | None = Field(
         None,

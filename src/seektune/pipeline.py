@@ -470,13 +470,15 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
             _evaluate_on_main(state, "base", loaded.model, loaded.tokenizer, data)
+        tokenizer = loaded.tokenizer
         if cfg.tune.enabled:
+            loaded = None  # every trial loads its own base: this one would only hold memory meanwhile
             result = _search(state, data, searched)
             model = _load_trained(cfg, result.model_dir)
         else:
             model = _train(state, loaded, data, weights, checkpoint, options)
         if cfg.eval.enabled:
-            _evaluate_on_main(state, "tuned", model, loaded.tokenizer, data)
+            _evaluate_on_main(state, "tuned", model, tokenizer, data)
         _finish(state)
     return state.run
 
