@@ -478,13 +478,39 @@ class TrainConfig(Section):
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; None: once per epoch.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     keep_best: bool = Field(
-        True, description="End with the weights of the lowest validation loss (needs a validation split)."
+        True,
+        description="End with the weights of the best evaluation by train.best_metric (the lowest "
+        "validation loss by default; needs a validation split).",
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without a lower validation loss."
+        None,
+        ge=1,
+        description="Stop after this many evaluations without a better train.best_metric (a lower "
+        "validation loss, or a higher task metric).",
     )
     early_stopping_threshold: float = Field(
-        0.0, ge=0, description="How much lower the validation loss must be to count as better."
+        0.0, ge=0, description="How much train.best_metric must improve to count as better."
+    )
+    task_metric: (
+        Literal[
+            "exact_match", "token_f1", "rouge_1", "rouge_2", "rouge_l", "bleu", "chrf", "accuracy", "macro_f1"
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Also generate on a sample of the validation split at every evaluation and compute this "
+        "metric (logged as eval_<metric>); None: validation loss only.",
+    )
+    task_metric_samples: int = Field(
+        32,
+        ge=1,
+        description="Validation conversations generated on at every evaluation: the first N, the same at "
+        "every step so that values compare across steps.",
+    )
+    best_metric: Literal["eval_loss", "task_metric"] = Field(
+        "eval_loss",
+        description="What keep_best and early stopping watch: the validation loss (lower is better) or "
+        "train.task_metric (higher is better).",
     )
     max_grad_norm_spike: float = Field(
         100.0,
@@ -501,6 +527,15 @@ class TrainConfig(Section):
         description="Where metrics go besides the run's log: TensorBoard (offline files in the run "
         "directory), MLflow, Weights & Biases.",
     )
+
+    @model_validator(mode="after")
+    def _best_metric_is_computed(self) -> TrainConfig:
+        if self.best_metric == "task_metric" and self.task_metric is None:
+            raise ValueError(
+                "train.best_metric task_metric needs train.task_metric: set train.task_metric "
+                "(e.g. rouge_l) or train.best_metric: eval_loss"
+            )
+        return self
 
 
 # Objectives a study can optimise, with the direction each is better in.
@@ -621,13 +656,173 @@ class TuneConfig(Section):
         return self
 
 
+EVAL_METRICS = (
+    "perplexity", "exact_match", "token_f1", "accuracy", "macro_f1",
+    "rouge_1", "rouge_2", "rouge_l", "bleu", "chrf",
+)  # fmt: skip
+EvalMetric = Literal[
+    "perplexity", "exact_match", "token_f1", "accuracy", "macro_f1",
+    "rouge_1", "rouge_2", "rouge_l", "bleu", "chrf",
+]  # fmt: skip
+PERTURBATIONS = ("typo", "chinese", "punctuation", "casing", "distractor")
+SCORECARD_DIMENSIONS = ("accuracy", "robustness", "efficiency", "explainability", "fairness", "adaptability")
+DEFAULT_SCORECARD_WEIGHTS = {
+    "accuracy": 0.3,
+    "robustness": 0.2,
+    "efficiency": 0.15,
+    "explainability": 0.15,
+    "fairness": 0.1,
+    "adaptability": 0.1,
+}
+
+
+class RobustnessConfig(Section):
+    """The task metrics again on perturbed prompts, reported as the drop from clean input."""
+
+    enabled: bool = Field(True, description="Measure robustness to noisy input.")
+    noise_rates: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2],
+        min_length=1,
+        description="Noise rates of the robustness curve: the share of characters (typos, Chinese noise, "
+        "casing), punctuation marks or sentences (distractors) changed.",
+    )
+    perturbations: list[Literal["typo", "chinese", "punctuation", "casing", "distractor"]] = Field(
+        default_factory=lambda: list(PERTURBATIONS),
+        min_length=1,
+        description="Kinds of noise: typo (character swap, deletion, insertion, keyboard-neighbour "
+        "substitution), chinese (character-level noise on Han text), punctuation, casing, distractor "
+        "(irrelevant sentences added). Each is measured on its own at every rate.",
+    )
+    max_samples: int | None = Field(
+        32, ge=1, description="Test examples perturbed (the first N of those evaluated); None: all."
+    )
+
+    @field_validator("noise_rates")
+    @classmethod
+    def _rates_in_range(cls, value: list[float]) -> list[float]:
+        bad = [rate for rate in value if not 0 < rate <= 1]
+        if bad:
+            raise ValueError(f"noise rates must lie in (0, 1]; got {', '.join(map(str, bad))}")
+        return sorted(set(value))
+
+
+class EfficiencyConfig(Section):
+    """Latency, throughput, memory and size of each evaluated model."""
+
+    enabled: bool = Field(True, description="Measure time to first token, per-token latency, throughput.")
+    prompts: int = Field(8, ge=1, description="Test prompts timed (each one alone, then all batched).")
+    max_new_tokens: int = Field(32, ge=2, description="Tokens generated per timed prompt (no early stop).")
+    batch_size: int = Field(8, ge=1, description="Batch size of the batched throughput measurement.")
+    latency_budget_ms: float = Field(
+        50.0,
+        gt=0,
+        description="Milliseconds per output token at batch 1 that earn a full efficiency score; slower "
+        "models score budget / measured.",
+    )
+
+
+class ExplainabilityConfig(Section):
+    """Attention concentration on the prompt while the model writes its answer."""
+
+    enabled: bool = Field(True, description="Measure the share of attention answer tokens put on the prompt.")
+    max_samples: int = Field(16, ge=1, description="Test examples whose attention is read.")
+
+
+class FairnessConfig(Section):
+    """The gap of the primary metric across the groups of a protected attribute."""
+
+    attribute: str | None = Field(
+        None,
+        description="Record field holding the group ('label' or 'metadata.<key>', e.g. metadata.gender); "
+        "None: fairness is not measured.",
+    )
+    min_group_size: int = Field(5, ge=1, description="Groups with fewer test examples are left out.")
+
+
+class AdaptabilityConfig(Section):
+    """The primary metric on a second-domain test set."""
+
+    source: SourceConfig | None = Field(
+        None,
+        description="A data source of another domain, evaluated as a whole with the same metrics; None: "
+        "adaptability is not measured.",
+    )
+
+
+class ScorecardConfig(Section):
+    """Each dimension normalised to 0..1 and combined with weights."""
+
+    weights: dict[Literal[SCORECARD_DIMENSIONS], float] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(DEFAULT_SCORECARD_WEIGHTS),
+        description="Weight of each dimension (accuracy, robustness, efficiency, explainability, fairness, "
+        "adaptability); the overall score renormalises over the dimensions measured.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = [name for name, weight in value.items() if weight < 0]
+        if negative:
+            raise ValueError(f"scorecard weights cannot be negative ({', '.join(negative)})")
+        if not sum(value.values()) > 0:
+            raise ValueError("scorecard weights must not all be 0")
+        return value
+
+
+class ReviewConfig(Section):
+    """A blinded sheet for human reviewers, and their scores read back into the report."""
+
+    enabled: bool = Field(
+        False,
+        description="Write eval/review.csv and review.jsonl for domain experts; `seektune review import "
+        "RUN SHEET` reads their scores back into the run's report.",
+    )
+    max_samples: int = Field(50, ge=1, description="Test prompts on the sheet.")
+    max_models: int = Field(4, ge=1, description="Most models whose outputs are put side by side.")
+
+
+class CompareConfig(Section):
+    """The A/B comparison of two models on the same test set."""
+
+    with_model: str | None = Field(
+        None,
+        description="Model B for `seektune eval` (hub id, folder or run directory), compared with "
+        "model.name_or_path (A); `seektune run` compares the base (A) with the tuned model (B).",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
+    examples: int = Field(5, ge=0, description="Examples where the two models differ most, in the report.")
+
+
 class EvalConfig(Section):
     """Evaluation of the base and the tuned model on the test split."""
 
     enabled: bool = Field(True, description="Evaluate after training.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
-    metrics: list[Literal["perplexity", "rouge_l"]] = Field(
-        default_factory=lambda: ["perplexity", "rouge_l"], min_length=1, description="Metrics to compute."
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: ["perplexity", "rouge_l"],
+        min_length=1,
+        description="Task metrics: perplexity; exact_match, token_f1, rouge_1, rouge_2, rouge_l, bleu, chrf "
+        "(generated answers against the reference answers); accuracy, macro_f1 (classification: the "
+        "test examples' label field).",
+    )
+    primary_metric: EvalMetric | None = Field(
+        None,
+        description="The metric of the scorecard's accuracy, robustness, fairness and adaptability; None: "
+        "the first of metrics that is not perplexity (perplexity when it is the only one).",
+    )
+    chinese_tokenization: Literal["char", "jieba"] = Field(
+        "char",
+        description="How Chinese text is split for token_f1, ROUGE and BLEU: one token per character, or "
+        "jieba words.",
+    )
+    classify_by: Literal["loglik", "generate"] = Field(
+        "loglik",
+        description="How accuracy reads the predicted label: the choice with the highest log-likelihood "
+        "after the prompt (fast, exact), or the label found in the generated answer.",
+    )
+    choices: list[str] | None = Field(
+        None, description="Labels of a classification task; None: the labels found in the test split."
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
@@ -635,6 +830,34 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many test examples.")
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig, description="Noisy input.")
+    efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig, description="Latency and memory.")
+    explainability: ExplainabilityConfig = Field(
+        default_factory=ExplainabilityConfig, description="Attention on the prompt."
+    )
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig, description="Gap across groups.")
+    adaptability: AdaptabilityConfig = Field(
+        default_factory=AdaptabilityConfig, description="A second domain."
+    )
+    scorecard: ScorecardConfig = Field(default_factory=ScorecardConfig, description="Weighted scorecard.")
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="Human review sheets.")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="A/B comparison.")
+
+    def primary(self) -> str:
+        """The metric the scorecard's dimensions are measured with."""
+        if self.primary_metric is not None:
+            return self.primary_metric
+        return next((m for m in self.metrics if m != "perplexity"), self.metrics[0])
+
+    @model_validator(mode="after")
+    def _primary_is_computed(self) -> EvalConfig:
+        if self.primary_metric is not None and self.primary_metric not in self.metrics:
+            raise ValueError(
+                f"eval.primary_metric {self.primary_metric} is not in eval.metrics: add it there"
+            )
+        if len(set(self.metrics)) < len(self.metrics):
+            raise ValueError("eval.metrics lists a metric twice")
+        return self
 
 
 class CompressConfig(Section):
