@@ -50,6 +50,7 @@ def deepseek_v3():
         num_hidden_layers=2,
         first_k_dense_replace=1,
         num_attention_heads=4,
+        num_key_value_heads=4,  # V3's default (128) would leave 0 key-value groups: eager attention fails
         n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
