@@ -21,4 +21,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 pip install -e ".${extras}"
+
+# The browser test of the HTML evaluation report drives Debian's chromium through Playwright. Install it
+# with --dev where it is missing and this script may (root, apt-get present); skip quietly otherwise.
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium (for the HTML report's browser test) ..."
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+      >/dev/null 2>&1; then
+    echo "could not install chromium; the browser test will be skipped"
+  fi
+fi
 echo "seektune installed in .venv ($(.venv/bin/python -c 'import seektune; print(seektune.__version__)'))"
