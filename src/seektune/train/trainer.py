@@ -7,7 +7,9 @@ re-weighting of domains from their validation loss (`seektune.train.callbacks`),
 checkpoint (`seektune.train.checkpoints`), throughput and MFU in the logs (`seektune.train.throughput`),
 where metrics go (TensorBoard files in the run directory, MLflow, W&B), a profiled run of a few steps
 (`seektune.train.profile`), the record of the loss history for the report, and saving the final artefact
-(adapter or full model, with the tokenizer) into the run directory.
+(adapter or full model, with the tokenizer) into the run directory. With `train.task_metric`, every evaluation
+also scores generated answers to a fixed validation sample (`seektune.train.task_metric`), and
+`train.best_metric` chooses whether keep_best and early stopping watch that metric or the validation loss.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from seektune.config import TrainConfig
-from seektune.distributed import launched, process_rank
+from seektune.config import EvalConfig, TrainConfig
+from seektune.distributed import launched, process_rank, shards_parameters
 from seektune.errors import UserError
 from seektune.logs import ProgressCallback, log_event
 from seektune.rundir import RunDir
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from seektune.data.mix import DomainWeights
     from seektune.data.prepare import PreparedData
     from seektune.train.checkpoints import ResumePoint
+    from seektune.train.task_metric import TaskMetricCallback
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +63,16 @@ class TrainResult:
     domain_shares: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
     profile: dict[str, Any] | None = None
+    task_metric: dict[str, float] = field(default_factory=dict)  # {"eval_<metric>": final value}, if set
 
     def scores(self) -> dict[str, Any]:
         """What the same config and seed reproduce exactly."""
-        return {"train_loss": self.train_loss, "eval_loss": self.eval_loss, "steps": self.steps}
+        return {
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            **self.task_metric,
+            "steps": self.steps,
+        }
 
     def timing(self) -> dict[str, Any]:
         """What depends on the machine and its load."""
@@ -128,7 +137,7 @@ def _evaluation_and_saving(cfg: TrainConfig, has_validation: bool, keep_best: bo
             save_strategy, save_steps = eval_strategy, cfg.eval_steps
         elif cfg.eval_steps is None or cfg.save_steps % cfg.eval_steps:
             raise UserError(
-                f"train.keep_best (and early stopping) pick a checkpoint by its validation loss, so "
+                f"train.keep_best (and early stopping) pick a checkpoint at an evaluation, so "
                 f"train.save_steps ({cfg.save_steps}) must be a multiple of train.eval_steps "
                 f"({cfg.eval_steps}): set both, leave save_steps unset, or set keep_best: false"
             )
@@ -185,8 +194,7 @@ def training_arguments(
         **schedule,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_loss" if keep_best else None,
-        greater_is_better=False if keep_best else None,
+        **_best_metric(cfg, keep_best),
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
@@ -204,6 +212,15 @@ def training_arguments(
         dataloader_num_workers=0,
         **precision_flags(cfg.precision, device),
     )
+
+
+def _best_metric(cfg: TrainConfig, keep_best: bool) -> dict[str, Any]:
+    """What keep_best and early stopping watch: the validation loss, or the (higher-is-better) task metric."""
+    if not keep_best:
+        return {"metric_for_best_model": None, "greater_is_better": None}
+    if cfg.best_metric == "task_metric":
+        return {"metric_for_best_model": f"eval_{cfg.task_metric}", "greater_is_better": True}
+    return {"metric_for_best_model": "eval_loss", "greater_is_better": False}
 
 
 def _dataset(split: Any):
@@ -227,6 +244,8 @@ def train(
     resume: ResumePoint | None = None,
     profile: bool = False,
     callbacks: list[Any] | None = None,
+    eval_cfg: EvalConfig | None = None,
+    system_prompt: str | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on the prepared training split; save the result to `<run>/model`.
 
@@ -235,7 +254,8 @@ def train(
     continues from that checkpoint (weights, optimizer, scheduler, RNG and data position), or with new
     data keeps the weights and optimizer and starts the data and schedule afresh. With `profile`, a few
     steps run under the profiler and nothing is saved (`TrainResult.profile`). `callbacks` are added to the
-    Trainer's (a search's pruning reporter).
+    Trainer's (a search's pruning reporter). With `train.task_metric`, answers to validation conversations
+    (rendered with `system_prompt`) are generated with `eval_cfg`'s settings and scored at every evaluation.
     """
     from transformers import PrinterCallback
 
@@ -255,6 +275,7 @@ def train(
     if sampler is None and not packed:
         sampler = _length_grouped_sampler(train_set, args, seed)
     meter = _meter(model, args, data, device)
+    task = None if profile else _task_metric(cfg, data, tokenizer, eval_set, eval_cfg, system_prompt)
     extra = [*_reporting_callbacks(cfg, run), *_early_stopping(cfg, eval_set if not profile else None)]
     profiler = None
     if profile:
@@ -276,6 +297,10 @@ def train(
         meter=meter,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
+    if task is not None:
+        from seektune.train.task_metric import install_first
+
+        install_first(trainer, task)  # before every logger (MLflow and W&B included) and early stopping
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=_resume_argument(trainer, resume))
@@ -296,7 +321,7 @@ def train(
     overall = meter.overall()
     result = TrainResult(
         model_dir=run.path / "model",
-        history=_history(trainer.state.log_history),
+        history=_history(trainer.state.log_history, task.sample.key if task is not None else None),
         train_loss=round(output.training_loss, 4),
         runtime_s=runtime,
         tokens_per_s=overall.get("tokens_per_s"),
@@ -312,7 +337,10 @@ def train(
     if reweight is not None:
         trainer.remove_callback(reweight)  # the final evaluation below no longer steers any training
     if eval_set is not None:
-        result.eval_loss = round(trainer.evaluate()["eval_loss"], 4)
+        final = trainer.evaluate()
+        result.eval_loss = round(final["eval_loss"], 4)
+        if task is not None:
+            result.task_metric = {task.sample.key: round(final[task.sample.key], 4)}
     _save_final(trainer, tokenizer, run)
     log_event(logger, "training finished", **result.summary())
     return result
@@ -416,13 +444,48 @@ def _early_stopping(cfg: TrainConfig, eval_set: Any) -> list[Any]:
     if cfg.early_stopping_patience is None:
         return []
     if eval_set is None:
+        watched = "the validation loss" if cfg.best_metric == "eval_loss" else f"eval_{cfg.task_metric}"
         raise UserError(
-            "train.early_stopping_patience watches the validation loss, but there is no validation split: "
+            f"train.early_stopping_patience watches {watched}, but there is no validation split: "
             "set data.validation_ratio above 0 or remove early_stopping_patience"
         )
     from transformers import EarlyStoppingCallback
 
     return [EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)]
+
+
+def _task_metric(
+    cfg: TrainConfig,
+    data: PreparedData,
+    tokenizer: Any,
+    eval_set: Any,
+    eval_cfg: EvalConfig | None,
+    system_prompt: str | None,
+) -> TaskMetricCallback | None:
+    """The callback that scores `train.task_metric` at every evaluation (None without one); refuses, before
+    training, what cannot compute it."""
+    if cfg.task_metric is None:
+        return None
+    if eval_set is None:
+        raise UserError(
+            f"train.task_metric {cfg.task_metric} is computed at every evaluation, but there is no "
+            "validation split: set data.validation_ratio above 0 (or give validation files), or set "
+            "train.task_metric: null and train.best_metric: eval_loss"
+        )
+    if shards_parameters():
+        raise UserError(
+            f"train.task_metric {cfg.task_metric} generates answers in one process, but under FSDP or "
+            "DeepSpeed ZeRO-3 each process holds only a shard of the weights: use plain data parallelism "
+            "(configs/accelerate/ddp.yaml) or ZeRO-2, or set train.task_metric: null and train.best_metric: "
+            "eval_loss"
+        )
+    from seektune.train.task_metric import TaskMetricCallback, task_sample
+
+    eval_cfg = eval_cfg or EvalConfig()
+    records, samples = data.records["validation"], cfg.task_metric_samples
+    sample = task_sample(cfg.task_metric, records, tokenizer, eval_cfg, samples, system_prompt)
+    log_event(logger, "task metric during training", metric=cfg.task_metric, prompts=len(sample.prompts))
+    return TaskMetricCallback(sample, tokenizer, eval_cfg)
 
 
 def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
@@ -458,7 +521,7 @@ def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
     return final
 
 
-def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _history(log_history: list[dict[str, Any]], task_key: str | None = None) -> list[dict[str, Any]]:
     keep = (
         "step",
         "epoch",
@@ -469,6 +532,7 @@ def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "tokens_per_s",
         "mfu",
         "peak_memory_gb",
+        *([task_key] if task_key else []),
     )
     rows = []
     for entry in log_history:
