@@ -31,7 +31,14 @@ def tiny_run_config(tmp_path: Path, base_cache: Path, **sections) -> dict:
         "data": {"max_train_samples": 64, "max_eval_samples": 16, "max_length": 128},
         "method": {"name": "lora", "lora": {"r": 8, "alpha": 16}},
         "train": {"learning_rate": 3e-3, "batch_size": 16, "max_steps": 4, "logging_steps": 2},
-        "eval": {"max_new_tokens": 12, "batch_size": 16},
+        # Robustness, efficiency and attention re-run generation: tests that check them turn them on.
+        "eval": {
+            "max_new_tokens": 12,
+            "batch_size": 16,
+            "robustness": {"enabled": False},
+            "efficiency": {"enabled": False},
+            "explainability": {"enabled": False},
+        },
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,26 @@ def test_whole_number_weights_and_shares_are_both_accepted():
     for ratios in ((7, 2, 1), (1, 1, 1), (0.5, 0.3, 0.2)):
         sources = [{"path": f"s{i}", "ratio": r} for i, r in enumerate(ratios)]
         validate_config({"data": {"sources": sources, "mix": {"strategy": "ratio"}}})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("eval.fairness.attribute=gender", "'source' or 'metadata.<key>' (e.g. metadata.gender)"),
+        ("eval.primary_metric=bleu", "eval.primary_metric bleu is not in eval.metrics"),
+        ("eval.metrics=[rouge_l, rouge_l]", "lists a metric twice"),
+        ("eval.robustness.noise_rates=[0.1, 1.5]", "noise rates must lie in (0, 1]"),
+        ("eval.scorecard.weights={accuracy: -1}", "cannot be negative"),
+        ("eval.scorecard.weights={accuracy: 0, robustness: 0, efficiency: 0, explainability: 0, "
+         "fairness: 0, adaptability: 0}", "must not all be 0"),
+        ("train.best_metric=task_metric", "needs train.task_metric"),
+    ],
+)  # fmt: skip
+def test_evaluation_settings_are_checked_with_the_key_named(override, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config(None, [override])
+
+
+def test_eval_primary_metric_defaults_to_the_first_answer_metric():
+    assert load_config(None, ["eval.metrics=[perplexity, bleu, rouge_l]"]).eval.primary() == "bleu"
+    assert load_config(None, ["eval.metrics=[perplexity]"]).eval.primary() == "perplexity"

@@ -95,6 +95,41 @@ def test_quickstart_config_beats_the_base(tmp_path, quickstart_cache):
     assert "beats the base" in run.report_path.read_text()
     data_report = (run.path / "data" / "report.md").read_text()
     assert "| exact\\_dedup |" in data_report and "[data/report.md]" in run.report_path.read_text()
+    # Every dimension its data allows, and a significance verdict (the stdlib task has no protected field).
+    evaluation = json.loads((run.path / "eval" / "results.json").read_text())
+    for entry in evaluation["models"].values():
+        dimensions = entry["scorecard"]["dimensions"]
+        measured = {name for name, d in dimensions.items() if d["score"] is not None}
+        assert measured == {"accuracy", "robustness", "efficiency", "explainability", "adaptability"}
+        assert "eval.fairness.attribute" in dimensions["fairness"]["reason"]
+    verdicts = evaluation["comparison"]["metrics"]
+    assert verdicts["perplexity"]["verdict"] == verdicts["rouge_l"]["verdict"] == "B better"
+    for name in ("report.html", "review.csv", "review-key.json"):
+        assert (run.path / "eval" / name).is_file(), name
+    _renders_in_chromium(run.path / "eval" / "report.html")
+
+
+def _renders_in_chromium(page: Path) -> None:
+    """The self-contained report opens in headless Chromium without a console error or a failed image."""
+    import shutil
+
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    browser_path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(browser_path).exists():
+        pytest.skip("no chromium: install Debian's chromium (scripts/setup.sh --dev does as root)")
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=browser_path,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+        )
+        tab = browser.new_page()
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(page.as_uri())
+        broken = tab.evaluate("[...document.images].filter(i => !i.naturalWidth).length")
+        browser.close()
+    assert not errors and broken == 0, (errors, broken)
 
 
 @pytest.mark.parametrize(

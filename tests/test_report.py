@@ -177,3 +177,37 @@ def test_dynamic_mix_shares_are_tabled(run: RunDir) -> None:
     ]
     text = write_report(run, summary).read_text(encoding="utf-8")
     assert "| Step | faq | docs |" in text and "| 40 | 62.5% | 37.5% |" in text
+
+
+def _with_comparison(summary: dict[str, Any], verdicts: dict[str, str]) -> dict[str, Any]:
+    rows = {
+        m: {"verdict": v, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
+        for m, v in verdicts.items()
+    }
+    summary["eval"]["evaluation"] = {
+        "primary_metric": "rouge_l",
+        "models": {},
+        "comparison": {"a": "base", "b": "tuned", "metrics": rows, "summary": "s"},
+    }
+    return summary
+
+
+def test_headline_counts_a_change_only_when_the_paired_bootstrap_finds_it(tmp_path):
+    summary = _with_comparison(_summary(), {"perplexity": "B better", "rouge_l": "no significant difference"})
+    headline = render_report(RunDir(tmp_path), summary, None, None).splitlines()[2]
+    assert headline.startswith("On 50 test examples, the tuned model beats the base: perplexity 12.3")
+    assert "no significant difference in ROUGE-L (paired bootstrap)." in headline
+    assert "ROUGE-L 0.12" not in headline  # an insignificant change is not reported as a gain
+    assert headline.endswith("(paired bootstrap). Also: answers ending with EOS 3% → 94%.")
+
+
+def test_headline_when_no_difference_is_significant(tmp_path):
+    summary = _summary()
+    for name in ("base", "tuned"):
+        summary["eval"]["models"][name] = {"perplexity": 5.0 if name == "base" else 4.9, "n": 50}
+    summary = _with_comparison(summary, {"perplexity": "no significant difference"})
+    headline = render_report(RunDir(tmp_path), summary, None, None).splitlines()[2]
+    assert headline == (
+        "On 50 test examples, the tuned model does not beat the base: no significant difference in "
+        "perplexity (paired bootstrap)."
+    )

@@ -30,7 +30,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show the resolved config or its JSON schema.", no_args_is_help=True)
 data_app = typer.Typer(help="The data stage.", no_args_is_help=True)
 base_app = typer.Typer(help="The offline base model tiny-deepseek-v3.", no_args_is_help=True)
+review_app = typer.Typer(help="Human review sheets of an evaluation.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(review_app, name="review")
 app.add_typer(data_app, name="data")
 app.add_typer(base_app, name="base")
 
@@ -95,7 +97,13 @@ def run(
 
     options = TrainOptions(resume=resume, resume_new_data=resume_new_data)
     run_dir = run_pipeline(_load(config, set_), options).path
-    _done(run_dir, f"report: {run_dir / 'report.md'}")
+    _print_eval_summary(run_dir)
+    html = run_dir / "eval" / "report.html"
+    _done(
+        run_dir,
+        f"report: {run_dir / 'report.md'}",
+        *([f"evaluation report: {html}"] if html.is_file() else []),
+    )
 
 
 @data_app.command("prepare")
@@ -166,15 +174,104 @@ def eval_(
         Optional[str],  # noqa: UP045
         typer.Option(help="Model to evaluate: a hub id, a model folder or a run directory."),
     ] = None,
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="A test file (any data format); all of it is the test split."),
+    ] = None,
+    compare_with: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="A second model (B), evaluated on the same test set and compared with the first."),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a model on the test split of the configured data."""
+    """Evaluate a model on the test split: task metrics, robustness, efficiency, scorecard, report."""
     from seektune.pipeline import run_eval_stage
 
     overrides = list(set_ or [])
     if model is not None:
         overrides.append(f"model.name_or_path={json.dumps(model)}")
-    _done(run_eval_stage(_load(config, overrides)).path)
+    if data is not None:
+        overrides.append(f"data.sources={json.dumps([{'path': data, 'split': 'test'}])}")
+    if compare_with is not None:
+        overrides.append(f"eval.compare.with_model={json.dumps(compare_with)}")
+    run_dir = run_eval_stage(_load(config, overrides)).path
+    _print_eval_summary(run_dir)
+    _done(run_dir, f"report: {run_dir / 'eval' / 'report.html'}")
+
+
+def _print_eval_summary(run_dir: Path) -> None:
+    """The evaluation's summary table on the terminal (not with --log-json, nor on other ranks)."""
+    from seektune.distributed import is_main_process
+
+    results = run_dir / "eval" / "results.json"
+    if json_events_enabled() or not is_main_process() or not results.is_file():
+        return
+    from rich.console import Console
+
+    from seektune.evaluate.report import summary_table
+
+    Console().print(summary_table(json.loads(results.read_text(encoding="utf-8"))))
+
+
+@review_app.command("import")
+def review_import(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory that wrote the review sheet.")],
+    sheet: Annotated[Path, typer.Argument(help="The filled-in sheet (review.csv or review.jsonl).")],
+) -> None:
+    """Read reviewers' scores back into the run's evaluation report."""
+    from seektune.evaluate.evaluation import import_review_scores
+    from seektune.rundir import RunDir
+
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist: give the run that wrote the sheet")
+    scores = import_review_scores(RunDir(run_dir), sheet)
+    for name, row in scores["models"].items():
+        typer.echo(f"{name}: mean {row['mean']} over {row['n']} rated, wins {row['win_rate']}")
+    typer.echo(f"report: {run_dir / 'eval' / 'report.html'}")
+
+
+@app.command()
+def harness(
+    model: Annotated[
+        str, typer.Option(help="Model: a hub id, a folder, a run directory or tiny-deepseek-v3.")
+    ],
+    tasks: Annotated[str, typer.Option(help="lm-evaluation-harness tasks, comma-separated (globs work).")],
+    include_path: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A folder of your own task YAML files (local data)."),
+    ] = None,
+    builtin_tasks: Annotated[
+        bool, typer.Option(help="Also index lm-eval's built-in tasks (off: only --include-path, faster).")
+    ] = True,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per task.")] = None,  # noqa: UP045
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per prompt.")] = None,  # noqa: UP045
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write lm-eval's results JSON to this file."),
+    ] = None,
+) -> None:
+    """Evaluate a model on lm-evaluation-harness tasks (docs/harness.md)."""
+    from rich.console import Console
+
+    from seektune.evaluate.harness import harness_table, run_harness
+    from seektune.rundir import atomic_write_json
+
+    results = run_harness(
+        model,
+        [t for t in tasks.split(",") if t.strip()],
+        include_path=include_path,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        device=device,
+        include_defaults=builtin_tasks,
+    )
+    Console().print(harness_table(results))
+    if output is not None:
+        atomic_write_json(output, results)
+        typer.echo(f"results: {output}")
 
 
 def _not_yet(what: str) -> None:

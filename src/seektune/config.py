@@ -738,6 +738,16 @@ class FairnessConfig(Section):
     )
     min_group_size: int = Field(5, ge=1, description="Groups with fewer test examples are left out.")
 
+    @field_validator("attribute")
+    @classmethod
+    def _record_field(cls, value: str | None) -> str | None:
+        if value is None or value in ("label", "source") or (value.startswith("metadata.") and value[9:]):
+            return value
+        raise ValueError(
+            f"{value!r} is not a record field: use 'label', 'source' or 'metadata.<key>' "
+            f"(e.g. metadata.{value})"
+        )
+
 
 class AdaptabilityConfig(Section):
     """The primary metric on a second-domain test set."""
@@ -755,7 +765,8 @@ class ScorecardConfig(Section):
     weights: dict[Literal[SCORECARD_DIMENSIONS], float] = Field(  # type: ignore[valid-type]
         default_factory=lambda: dict(DEFAULT_SCORECARD_WEIGHTS),
         description="Weight of each dimension (accuracy, robustness, efficiency, explainability, fairness, "
-        "adaptability); the overall score renormalises over the dimensions measured.",
+        "adaptability); a dimension not listed keeps its default weight (0 drops it); the overall score "
+        "renormalises over the dimensions measured.",
     )
 
     @field_validator("weights")
@@ -764,9 +775,10 @@ class ScorecardConfig(Section):
         negative = [name for name, weight in value.items() if weight < 0]
         if negative:
             raise ValueError(f"scorecard weights cannot be negative ({', '.join(negative)})")
-        if not sum(value.values()) > 0:
+        merged = {**DEFAULT_SCORECARD_WEIGHTS, **value}
+        if not sum(merged.values()) > 0:
             raise ValueError("scorecard weights must not all be 0")
-        return value
+        return merged
 
 
 class ReviewConfig(Section):
@@ -792,6 +804,20 @@ class CompareConfig(Section):
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
     examples: int = Field(5, ge=0, description="Examples where the two models differ most, in the report.")
+
+    @model_validator(mode="after")
+    def _enough_resamples(self) -> CompareConfig:
+        # The smallest p-value S resamples can give is 2 / (S + 1); it must fall below 1 - confidence.
+        alpha = round(1 - self.confidence, 12)
+        if 2 / (self.bootstrap_samples + 1) >= alpha:
+            needed = int(2 / alpha)
+            while 2 / (needed + 1) >= alpha:
+                needed += 1
+            raise ValueError(
+                f"eval.compare.bootstrap_samples {self.bootstrap_samples} cannot show a difference at "
+                f"confidence {self.confidence}: use at least {needed} resamples, or a lower confidence"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -97,6 +97,8 @@ class RunContext:
     run: RunDir
     cfg: SeektuneConfig
     summary: dict[str, Any] = field(default_factory=dict)
+    evaluated: list[Any] = field(default_factory=list)  # ModelEvaluation of each evaluated model, in order
+    second_domain: Any = None  # the prepared eval.adaptability.source
 
 
 def _check_launch(cfg: SeektuneConfig, command: str) -> None:
@@ -219,7 +221,7 @@ def _tokenizer(cfg: SeektuneConfig) -> Any:
     return load_tokenizer(cfg.model)
 
 
-def _prepare(state: RunContext):
+def _prepare(state: RunContext, need_train: bool = True):
     """Prepare the data with the model's tokenizer; under a launcher rank 0 prepares, the others load.
 
     Rank 0 goes first also because loading the tokenizer builds (tiny-deepseek-v3) or downloads the
@@ -228,7 +230,9 @@ def _prepare(state: RunContext):
     from seektune.data.prepare import compact_report, load_prepared, prepare_data
 
     if is_main_process():
-        data = prepare_data(state.cfg.data, _tokenizer(state.cfg), state.cfg.seed, state.run.data_dir)
+        data = prepare_data(
+            state.cfg.data, _tokenizer(state.cfg), state.cfg.seed, state.run.data_dir, need_train=need_train
+        )
         state.run.update_metrics("data", compact_report(data.report))
     barrier()
     if not is_main_process():
@@ -245,29 +249,43 @@ def _require_test_split(data: Any) -> None:
         )
 
 
-def _evaluate_on_main(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
+def _evaluate_on_main(
+    state: RunContext, which: str, model: Any, tokenizer: Any, data: Any, model_dirs: list[Path]
+) -> None:
     """Evaluate in rank 0 alone (generation needs no other process); the others wait for it."""
     if is_main_process():
-        _evaluate(state, which, model, tokenizer, data)
+        _evaluate(state, which, model, tokenizer, data, model_dirs)
     barrier()
 
 
-def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: Any) -> None:
+def _evaluate(
+    state: RunContext, which: str, model: Any, tokenizer: Any, data: Any, model_dirs: list[Path]
+) -> None:
     from seektune.data.prepare import last_exchange
-    from seektune.evaluate.metrics import evaluate_model
+    from seektune.evaluate.evaluation import evaluate_model_fully
 
     started = time.perf_counter()
-    scores, generations = evaluate_model(
-        model, tokenizer, data, state.cfg.eval, state.cfg.data.system_prompt, label=which
+    evaluated = evaluate_model_fully(
+        which,
+        model,
+        tokenizer,
+        data,
+        state.cfg.eval,
+        state.cfg.seed,
+        state.cfg.data.system_prompt,
+        model_label=str(model_dirs[-1]) if model_dirs else which,
+        model_dirs=model_dirs,
+        second_domain=_second_domain(state, tokenizer),
     )
+    state.evaluated.append(evaluated)
+    scores = evaluated.entry["metrics"]
     seconds = round(time.perf_counter() - started, 2)
     evaluation = state.summary.setdefault("eval", {"models": {}, "samples": []})
     evaluation["models"][which] = {**scores, "seconds": seconds}
     state.run.update_metrics("eval", {which: scores})
     state.run.update_metrics("timing", {f"eval_{which}_s": seconds})
     answers = []
-    conversations = (r for r in data.records["test"] if r["messages"])
-    for record, generation in zip(conversations, generations, strict=False):
+    for record, generation in zip(evaluated.task.records, evaluated.task.generations, strict=False):
         _, question, reference = last_exchange(record["messages"])
         answers.append(
             {
@@ -283,6 +301,47 @@ def _evaluate(state: RunContext, which: str, model: Any, tokenizer: Any, data: A
         if index == len(samples):
             samples.append({"question": answer["question"], "reference": answer["reference"]})
         samples[index][which] = answer["answer"]
+
+
+def _second_domain(state: RunContext, tokenizer: Any) -> Any:
+    """The prepared second-domain test set of `eval.adaptability.source` (prepared once per run)."""
+    source = state.cfg.eval.adaptability.source
+    if source is None:
+        return None
+    if state.second_domain is None:
+        from seektune.data.prepare import prepare_data
+
+        held_out = source.model_copy(update={"split": "test", "ratio": None})
+        cfg = type(state.cfg.data)(
+            **{
+                **state.cfg.data.model_dump(exclude={"sources", "mix", "balance", "augment", "packing"}),
+                "sources": [held_out.model_dump()],
+            }
+        )
+        state.second_domain = prepare_data(
+            cfg, tokenizer, state.cfg.seed, state.run.path / "eval" / "second-domain", need_train=False
+        )
+    return state.second_domain
+
+
+def _finish_evaluation(state: RunContext) -> None:
+    """The A/B comparison, the review sheet, eval/results.json and the eval report (rank 0)."""
+    if not is_main_process() or not state.evaluated:
+        return
+    from seektune.evaluate.evaluation import finish_evaluation
+
+    evaluation = finish_evaluation(state.run, state.evaluated, state.cfg.eval, state.cfg.seed)
+    summary = state.summary.setdefault("eval", {"models": {}, "samples": []})
+    summary["evaluation"] = evaluation
+    comparison = evaluation.get("comparison")
+    if comparison:  # the scorecard stays in eval/results.json: its efficiency depends on the machine's load
+        verdicts = {
+            metric: {key: row[key] for key in ("diff", "ci_low", "ci_high", "p_value", "verdict")}
+            for metric, row in comparison["metrics"].items()
+        }
+        state.run.update_metrics(
+            "eval", {"comparison": {"a": comparison["a"], "b": comparison["b"], **verdicts}}
+        )
 
 
 @dataclass(frozen=True)
@@ -347,6 +406,8 @@ def _train(
         checkpoint_identity=identity,
         resume=resume,
         profile=options.profile,
+        eval_cfg=state.cfg.eval,
+        system_prompt=state.cfg.data.system_prompt,
     )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     if result.profile is not None:
@@ -469,7 +530,7 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
         weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
-            _evaluate_on_main(state, "base", loaded.model, loaded.tokenizer, data)
+            _evaluate_on_main(state, "base", loaded.model, loaded.tokenizer, data, _model_dirs(loaded.path))
         tokenizer = loaded.tokenizer
         if cfg.tune.enabled:
             loaded = None  # every trial loads its own base: this one would only hold memory meanwhile
@@ -478,7 +539,10 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
         else:
             model = _train(state, loaded, data, weights, checkpoint, options)
         if cfg.eval.enabled:
-            _evaluate_on_main(state, "tuned", model, tokenizer, data)
+            _evaluate_on_main(
+                state, "tuned", model, tokenizer, data, _model_dirs(str(state.run.path / "model"))
+            )
+            _finish_evaluation(state)
         _finish(state)
     return state.run
 
@@ -525,11 +589,64 @@ def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) ->
 
 
 def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
-    """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split."""
+    """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split;
+    with `eval.compare.with_model`, evaluate that model too and compare the two (A = the configured one)."""
+    other = cfg.eval.compare.with_model
+    if other:
+        _check_same_tokenizer(cfg, other)
     with open_run(cfg, "eval") as state:
-        data = _prepare(state)
+        data = _prepare(state, need_train=False)
         _require_test_split(data)
         loaded = _load_base(state)
-        _evaluate_on_main(state, "model", loaded.model, loaded.tokenizer, data)
+        names = ("a", "b") if other else ("model",)
+        _evaluate_on_main(state, names[0], loaded.model, loaded.tokenizer, data, _model_dirs(loaded.path))
+        if other:
+            loaded = None  # free model A before B loads
+            loaded = _load_other(cfg, other)
+            _evaluate_on_main(state, "b", loaded.model, loaded.tokenizer, data, _model_dirs(loaded.path))
+        _finish_evaluation(state)
         _finish(state)
     return state.run
+
+
+def _check_same_tokenizer(cfg: SeektuneConfig, other: str) -> None:
+    """A and B are scored on the same tokenised test set (and B's perplexity on A's tokens), so they must
+    share a tokenizer and chat template; stop before anything runs when they do not."""
+    from seektune.models.load import load_tokenizer, resolve_model_path
+
+    mine = load_tokenizer(cfg.model)
+    theirs = load_tokenizer(
+        cfg.model, resolve_model_path(cfg.model.model_copy(update={"name_or_path": other}))
+    )
+    if mine.get_vocab() != theirs.get_vocab() or mine.chat_template != theirs.chat_template:
+        raise UserError(
+            f"eval.compare.with_model {other!r} has another tokenizer or chat template than "
+            f"{cfg.model.name_or_path!r}, so their test tokens and prompts differ and a paired comparison "
+            "is not meaningful: compare models of one base, or evaluate each on its own with seektune eval"
+        )
+
+
+def _model_dirs(path: str) -> list[Path]:
+    """The local folders whose weight files make a model: an adapter's base first, then the adapter (a
+    hub id resolves to its snapshot in the local cache)."""
+    from seektune.models.load import adapter_base
+
+    base = adapter_base(path)
+    return [_local_folder(p) for p in ([base, path] if base else [path])]
+
+
+def _local_folder(name: str) -> Path:
+    if Path(name).exists():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): efficiency reports the size as unknown
+        return Path(name)
+
+
+def _load_other(cfg: SeektuneConfig, name_or_path: str) -> Any:
+    from seektune.models.load import load_model
+
+    return load_model(cfg.model.model_copy(update={"name_or_path": name_or_path}))

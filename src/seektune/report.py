@@ -41,7 +41,15 @@ class _Metric:
 
 _METRICS: dict[str, _Metric] = {
     "perplexity": _Metric("Perplexity", "perplexity", "lower", "number", "relative"),
+    "exact_match": _Metric("Exact match", "exact match", "higher", "percent", "points"),
+    "token_f1": _Metric("Token F1", "token F1", "higher", "number", "absolute"),
+    "accuracy": _Metric("Accuracy", "accuracy", "higher", "percent", "points"),
+    "macro_f1": _Metric("Macro-F1", "macro-F1", "higher", "number", "absolute"),
+    "rouge_1": _Metric("ROUGE-1", "ROUGE-1", "higher", "number", "absolute"),
+    "rouge_2": _Metric("ROUGE-2", "ROUGE-2", "higher", "number", "absolute"),
     "rouge_l": _Metric("ROUGE-L", "ROUGE-L", "higher", "number", "absolute"),
+    "bleu": _Metric("BLEU", "BLEU", "higher", "number", "absolute"),
+    "chrf": _Metric("chrF", "chrF", "higher", "number", "absolute"),
     "eos_rate": _Metric("Answers ending with EOS", "answers ending with EOS", "higher", "percent", "points"),
     "mean_new_tokens": _Metric("Mean new tokens", "mean new tokens", None, "number", "absolute"),
     "n": _Metric("Examples", "examples", None, "count", "absolute"),
@@ -212,15 +220,42 @@ def _verdict_sentence(better: list[str], worse: list[str], same: list[str]) -> s
     return f"the tuned model does not beat the base: it scores the same on {_join(same)}."
 
 
-def _compare_headline(base: dict[str, Any], tuned: dict[str, Any]) -> str | None:
+def _compare_headline(
+    base: dict[str, Any], tuned: dict[str, Any], significance: dict[str, str] | None = None
+) -> str | None:
+    """Base against tuned; with `significance` (metric -> the paired bootstrap's verdict) a metric counts
+    as better or worse only when the difference is significant."""
     groups: dict[str, list[str]] = {"better": [], "worse": [], "same": []}
+    insignificant: list[str] = []
+    untested: list[str] = []  # with significance: metrics the bootstrap did not test (rates of answers)
     for name in _ordered_metrics([base, tuned]):
         verdict = _verdict(name, base.get(name), tuned.get(name))
-        if verdict is not None:
-            groups[verdict].append(_comparison_phrase(name, base.get(name), tuned.get(name)))
-    if not any(groups.values()):
-        return None
-    sentence = _verdict_sentence(groups["better"], groups["worse"], groups["same"])
+        if verdict is None:
+            continue
+        phrase = _comparison_phrase(name, base.get(name), tuned.get(name))
+        tested = (significance or {}).get(name)
+        if significance and tested is None:
+            untested.append(phrase)
+        elif tested == "no significant difference":
+            insignificant.append(_metric(name).phrase)
+        else:
+            if tested is not None:
+                verdict = "better" if tested == "B better" else "worse"
+            groups[verdict].append(phrase)
+    if not any(groups.values()) and not insignificant:
+        return f"{_join(untested)[:1].upper()}{_join(untested)[1:]}." if untested else None
+    if any(groups.values()):
+        sentence = _verdict_sentence(groups["better"], groups["worse"], groups["same"])
+        if insignificant:
+            sentence = f"{sentence[:-1]}; no significant difference in {_join(insignificant)}."
+    else:
+        sentence = (
+            f"the tuned model does not beat the base: no significant difference in {_join(insignificant)}."
+        )
+    if significance:
+        sentence = f"{sentence[:-1]} (paired bootstrap)."
+    if untested:
+        sentence += f" Also: {_join(untested)}."
     n = tuned.get("n") if _is_number(tuned.get("n")) else base.get("n")
     if _is_number(n):
         return f"On {_fmt_num(n)} test examples, {sentence}"
@@ -251,8 +286,10 @@ def _training_headline(train: dict[str, Any]) -> str | None:
 def _headline(summary: dict[str, Any]) -> str:
     models = _eval_models(summary)
     text = None
+    comparison = ((summary.get("eval") or {}).get("evaluation") or {}).get("comparison") or {}
     if "base" in models and "tuned" in models:
-        text = _compare_headline(models["base"], models["tuned"])
+        significance = {m: row["verdict"] for m, row in (comparison.get("metrics") or {}).items()}
+        text = _compare_headline(models["base"], models["tuned"], significance or None)
     elif len(models) == 1:
         text = _single_model_headline(*next(iter(models.items())))
     text = (
@@ -416,7 +453,11 @@ def _eval_table(models: dict[str, dict[str, Any]]) -> list[str]:
 def _evaluation_section(evaluation: dict[str, Any], eval_plot: str | None) -> list[str]:
     models = {n: v for n, v in (evaluation.get("models") or {}).items() if isinstance(v, dict)}
     lines = ["## Evaluation", ""]
-    if models:
+    if evaluation.get("evaluation"):  # the evaluation report's own summary: metrics with their verdicts
+        from seektune.evaluate.report import eval_markdown_section
+
+        lines += [*eval_markdown_section(evaluation["evaluation"], link_prefix="eval/"), ""]
+    elif models:
         lines += [*_eval_table(models), "", "↓ lower is better, ↑ higher is better.", ""]
     if eval_plot:
         lines += [f"![eval]({eval_plot})", ""]

@@ -14,7 +14,6 @@ from seektune.errors import UserError
 from seektune.evaluate import efficiency
 from seektune.evaluate.efficiency import (
     PeakMemory,
-    efficiency_score,
     measure_efficiency,
     size_on_disk,
     time_prompt,
@@ -138,12 +137,6 @@ def test_a_deepseek_v3_model_is_timed_too(tokenizer, tmp_path):
 def test_no_prompt_to_time_is_a_user_error(model, tokenizer):
     with pytest.raises(UserError, match=r"eval\.efficiency"):
         measure_efficiency(model, tokenizer, [], EfficiencyConfig(), [])
-
-
-def test_efficiency_score_by_hand():
-    assert efficiency_score({"ms_per_token": 100.0}, 50.0) == 0.5
-    assert efficiency_score({"ms_per_token": 20.0}, 50.0) == 1.0
-    assert efficiency_score({"ms_per_token": 62.5}, 50.0) == 0.8
 
 
 @pytest.mark.gpu

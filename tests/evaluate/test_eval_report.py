@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
 
+from seektune.config import EvalConfig
 from seektune.evaluate import report_plots
+from seektune.evaluate.compare import compare_models
 from seektune.evaluate.report import eval_markdown_section, summary_table, write_eval_report
-from seektune.report import _md_escape
+from seektune.evaluate.robustness import distractor_sentences, measure_robustness
+from seektune.evaluate.scorecard import build_scorecard
+from seektune.evaluate.stats import ExampleStats, mean_stats
+from seektune.report import _fmt_num, _md_escape
 from seektune.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,6 +178,7 @@ def full_evaluation() -> dict[str, Any]:
             "confidence": 0.95,
             "samples": 1000,
             "summary": "tuned is better than base on ROUGE-L (+0.091, 95% CI +0.05..+0.13) and perplexity.",
+            "examples_metric": "rouge_l",
             "metrics": {
                 "rouge_l": _bootstrap("rouge_l", 0.12, 0.211, 0.05, 0.13, "B better"),
                 "perplexity": _bootstrap("perplexity", 12.3, 8.1, -5.1, -3.3, "B better", higher=False),
@@ -223,6 +232,99 @@ def _bootstrap(metric: str, a: float, b: float, low: float, high: float, verdict
         "verdict": verdict,
         "n": 50,
     }
+
+
+def _perplexity(nll: np.ndarray, tokens: np.ndarray) -> ExampleStats:
+    stats = np.stack([nll * tokens, tokens], axis=1)
+    return ExampleStats("perplexity", stats, lambda t: np.exp(t[..., 0] / t[..., 1]), higher_is_better=False)
+
+
+def produced_evaluation(examples_metric: str = "rouge_l", n: int = 24) -> dict[str, Any]:
+    """Two models' evaluation made by the real producers, without a model: per-example statistics into
+    `compare_models`, `measure_robustness` with a fake score callback, `build_scorecard`; then a JSON round
+    trip, as `seektune review import` re-renders it from eval/results.json. The metrics are
+    [accuracy, rouge_l, perplexity]: the primary metric is accuracy, and the examples are ranked by
+    `examples_metric` (rouge_l, as the evaluation chooses a metric that scores answers; or accuracy, with
+    the gold labels as references and the predicted labels as outputs)."""
+    cfg = EvalConfig.model_validate(
+        {
+            "metrics": ["accuracy", "rouge_l", "perplexity"],
+            "robustness": {"max_samples": 8, "noise_rates": [0.1, 0.3]},
+            "efficiency": {"enabled": False},
+            "explainability": {"enabled": False},
+            "compare": {"bootstrap_samples": 300, "examples": 2},
+        }
+    )
+    rng = np.random.default_rng(0)
+    questions = [f"Question {i}: how do I open file {i}? 请解释第{i}个例子。" for i in range(n)]
+    references = [f"Use open() on file {i}. 然后读取它。" for i in range(n)]
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        for q, r in zip(questions, references, strict=True)
+    ]
+    rouge = {"base": rng.uniform(0.1, 0.3, n)}
+    rouge["tuned"] = rouge["base"] + rng.uniform(0.05, 0.15, n)
+    rouge["tuned"][5] += 0.5  # ROUGE-L differs most at example 5
+    correct = {"base": np.ones(n), "tuned": np.ones(n)}
+    correct["base"][[2, 9]] = 0.0  # accuracy differs at examples 2 and 9
+    nll = {"base": rng.uniform(2.0, 3.0, n)}
+    nll["tuned"] = nll["base"] - 0.5
+    tokens = rng.integers(5, 20, n).astype(float)
+    stats = {
+        name: {
+            "accuracy": mean_stats("accuracy", correct[name]),
+            "rouge_l": mean_stats("rouge_l", rouge[name]),
+            "perplexity": _perplexity(nll[name], tokens),
+        }
+        for name in ("base", "tuned")
+    }
+    models = {}
+    for name, metric_stats in stats.items():
+        metrics: dict[str, float] = {m: s.value() for m, s in metric_stats.items()}
+        metrics["n"] = n
+
+        def score(convs: list, metrics: dict[str, float] = metrics) -> dict[str, float]:
+            """Accuracy falls with how far the prompts moved from the clean ones (a fake model)."""
+            similar = [
+                SequenceMatcher(None, c[0]["content"], conversations[i][0]["content"]).ratio()
+                for i, c in enumerate(convs)
+            ]
+            return {
+                "accuracy": metrics["accuracy"] * float(np.mean(similar)) ** 2,
+                "rouge_l": metrics["rouge_l"],
+            }
+
+        robustness = measure_robustness(
+            score, conversations, None, cfg.robustness, 0, "accuracy", True, distractor_sentences(references)
+        )
+        entry = {
+            "model": f"models/{name}",
+            "metrics": metrics,
+            "missing": {},
+            "warnings": [],
+            "robustness": robustness,
+            "efficiency": None,
+            "explainability": None,
+            "fairness": None,
+            "adaptability": None,
+        }
+        entry["scorecard"] = build_scorecard(entry, cfg)
+        entry["seconds"] = 3.5
+        models[name] = entry
+    outputs = {name: [f"{name} answer {i}" for i in range(n)] for name in stats}
+    if examples_metric in ("accuracy", "macro_f1"):
+        references = ["positive"] * n
+        outputs = {name: ["positive" if c else "negative" for c in correct[name]] for name in stats}
+    texts = {
+        "metric": examples_metric,
+        "prompts": questions,
+        "references": references,
+        "a_outputs": outputs["base"],
+        "b_outputs": outputs["tuned"],
+    }
+    comparison = compare_models(stats["base"], stats["tuned"], ("base", "tuned"), cfg.compare, 0, texts)
+    evaluation = {"primary_metric": cfg.primary(), "models": models, "comparison": comparison, "review": None}
+    return json.loads(json.dumps(evaluation, allow_nan=False))
 
 
 def minimal_evaluation() -> dict[str, Any]:
@@ -509,10 +611,90 @@ def test_review_sheet_not_yet_filled(run: RunDir, no_plots: None) -> None:
         assert expected in _markdown(run, evaluation)
 
 
+def _section(markdown: str, heading: str) -> str:
+    """The Markdown of one "## " section, up to the next."""
+    start = markdown.index(f"## {heading}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end >= 0 else None]
+
+
+def _example_titles(markdown: str) -> list[str]:
+    section = _section(markdown, "Where base and tuned differ most")
+    return [line for line in section.splitlines() if line.startswith("**Example ")]
+
+
 def test_examples_where_the_models_differ_most(full: Written) -> None:
-    assert "## Where base and tuned differ most" in full.markdown
-    assert "**Example 7: base 0, tuned 0.8**" in full.markdown
-    assert full.markdown.index("Example 7") < full.markdown.index("Example 3")  # the comparison's order
+    section = _section(full.markdown, "Where base and tuned differ most")
+    assert "The test examples whose ROUGE-L differs most between the two models" in section
+    assert _example_titles(full.markdown) == [
+        "**Example 7, ROUGE-L: base 0, tuned 0.8**",
+        "**Example 3, ROUGE-L: base 0.1, tuned 0.6**",
+    ]  # the comparison's order
+
+
+def test_examples_are_labelled_with_the_metric_that_ranked_them(run: RunDir, no_plots: None) -> None:
+    # metrics [accuracy, rouge_l, perplexity]: accuracy is the primary metric, but the comparison ranks the
+    # answers by ROUGE-L, and its scores are ROUGE-L values
+    evaluation = produced_evaluation()
+    assert evaluation["primary_metric"] == "accuracy"
+    assert evaluation["comparison"]["examples_metric"] == "rouge_l"
+    markdown = _markdown(run, evaluation)
+    section = _section(markdown, "Where base and tuned differ most")
+    assert "whose ROUGE-L differs most" in section and "Accuracy" not in section
+    expected = [
+        f"**Example {e['index']}, ROUGE-L: base {_fmt_num(e['a_score'])}, tuned {_fmt_num(e['b_score'])}**"
+        for e in evaluation["comparison"]["examples"]
+    ]
+    assert _example_titles(markdown) == expected and expected[0].startswith("**Example 5, ")
+
+
+def test_examples_ranked_by_a_label_metric(run: RunDir, no_plots: None) -> None:
+    # references are the gold labels, outputs the predicted labels, per-example accuracy 0 or 1
+    markdown = _markdown(run, produced_evaluation("accuracy"))
+    section = _section(markdown, "Where base and tuned differ most")
+    assert "whose Accuracy differs most" in section and "ROUGE" not in section
+    assert _example_titles(markdown) == [
+        "**Example 2, Accuracy: base 0, tuned 1**",
+        "**Example 9, Accuracy: base 0, tuned 1**",
+    ]
+    assert "- Reference: positive\n- base: negative\n- tuned: positive" in section
+
+
+def test_examples_without_their_metric_are_not_labelled_with_the_primary_one(
+    run: RunDir, no_plots: None
+) -> None:
+    evaluation = full_evaluation()
+    evaluation["primary_metric"] = "perplexity"
+    del evaluation["comparison"]["examples_metric"]
+    section = _section(_markdown(run, evaluation), "Where base and tuned differ most")
+    assert "whose score differs most" in section and "Perplexity" not in section
+    assert "**Example 7, score: base 0, tuned 0.8**" in section
+
+
+def test_report_of_the_real_producers_reads_every_section(run: RunDir, no_plots: None) -> None:
+    # keys written by compare_models, measure_robustness and build_scorecard are the keys the report reads
+    evaluation = produced_evaluation()
+    markdown = _markdown(run, evaluation)
+    assert markdown.splitlines()[2] == _md_escape(evaluation["comparison"]["summary"])
+    rouge = evaluation["comparison"]["metrics"]["rouge_l"]
+    assert rouge["verdict"] == "B better"
+    low, high = (f"+{_fmt_num(rouge[k])}" for k in ("ci_low", "ci_high"))
+    assert _row(markdown, "ROUGE-L ↑").endswith(f"(95% CI {low}..{high}) tuned better |")
+    # the interval's lower bound is exactly 0 (resamples without the two examples base got wrong): no sign
+    assert evaluation["comparison"]["metrics"]["accuracy"]["ci_low"] == 0
+    assert _row(markdown, "Accuracy ↑").endswith("(95% CI 0 pp..+21 pp) no significant difference |")
+    assert _row(markdown, "Perplexity ↓").endswith("tuned better |")
+    robustness = _section(markdown, "Robustness")
+    assert "Accuracy on the first 8 test prompts" in robustness
+    for kind in ("typo", "chinese", "punctuation", "casing", "distractor"):
+        for name in ("base", "tuned"):
+            row = _row(robustness, f"{kind} | {name}")
+            assert "—" not in row and row.count("%)") == 2, row
+    scorecard = _section(markdown, "Scorecard")
+    accuracy = evaluation["models"]["base"]["scorecard"]["dimensions"]["accuracy"]["score"]
+    assert _row(scorecard, "Accuracy").startswith(f"| Accuracy | 0.3 | {_fmt_num(accuracy)} |")
+    assert "not measured: turned off: set eval.efficiency.enabled to true" in _row(scorecard, "Efficiency")
+    assert "(50% of the weight measured)" in _row(scorecard, "Overall")
 
 
 def test_minimal_evaluation(run: RunDir) -> None:

@@ -32,20 +32,26 @@ def _deepseek():
 
 
 def _by_hand(model, prompt_ids: list[int], answer: list[int]) -> tuple[float, list[float]]:
-    """The share from the model's own attentions with explicit loops over positions, heads and layers."""
+    """The share from the model's own attentions with explicit loops over answer tokens, heads and layers.
+
+    Answer token j sits at position p + j; its row is the generation step that wrote the next token
+    (answer[j + 1], or the end after the last one). The step that wrote answer[0], the last prompt token's
+    row, sees nothing but the prompt (share 1 by the causal mask) and is not read.
+    """
     model.set_attn_implementation("eager")
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt_ids + answer]), output_attentions=True)
     model.set_attn_implementation("sdpa")
     attn = [layer[0].double() for layer in out.attentions]  # (heads, L, L) per layer
     layers, heads = len(attn), attn[0].shape[0]
-    p, total = len(prompt_ids), len(prompt_ids) + len(answer)
+    p = len(prompt_ids)
 
     def share(weight) -> float:  # weight(q, k) -> averaged mass
         values = []
-        for q in range(p, total):
-            on_prompt = sum(weight(q, k) for k in range(1, p))
-            seen = sum(weight(q, k) for k in range(1, q + 1))
+        for j in range(len(answer)):  # one value per answer token
+            q = p + j  # the row at answer[j]: the step that wrote what follows it
+            on_prompt = sum(weight(q, k) for k in range(1, p))  # prompt keys, the first token left out
+            seen = sum(weight(q, k) for k in range(1, q + 1))  # every key the query sees but the first
             values.append(on_prompt / seen)
         return sum(values) / len(values)
 
@@ -56,20 +62,23 @@ def _by_hand(model, prompt_ids: list[int], answer: list[int]) -> tuple[float, li
     return overall, per_layer
 
 
+@pytest.mark.parametrize("answer", [[40, 41, 42], [40]], ids=["three_tokens", "one_token"])
 @pytest.mark.parametrize("build", [llama, _deepseek], ids=["llama", "deepseek_v3"])
-def test_share_matches_a_hand_computation_and_attention_is_restored(build):
+def test_share_matches_a_hand_computation_and_attention_is_restored(build, answer):
     model, tokenizer = build().eval(), word_tokenizer()
     assert model.config._attn_implementation == "sdpa"
-    result = attention_on_prompt(model, tokenizer, PROMPTS[:1], ANSWERS[:1], max_samples=4)
+    result = attention_on_prompt(model, tokenizer, PROMPTS[:1], [answer], max_samples=4)
     assert model.config._attn_implementation == "sdpa"  # switched back after the measurement
     prompt_ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
     assert prompt_ids == [1, 12, 13, 14, 15]
-    overall, per_layer = _by_hand(model, prompt_ids, ANSWERS[0])
+    overall, per_layer = _by_hand(model, prompt_ids, answer)
     assert 0 <= result["attention_on_prompt"] <= 1
     assert result["attention_on_prompt"] == pytest.approx(overall, abs=1e-6)
     assert result["per_layer"] == pytest.approx(per_layer, abs=1e-6)
     assert result["n"] == 1
     assert "first token excluded" in result["method"]
+    # Every row read also sees the answer written so far (the last prompt token's row would give exactly 1).
+    assert result["attention_on_prompt"] < 1
 
 
 def test_empty_answers_are_skipped_and_examples_averaged():

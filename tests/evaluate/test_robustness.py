@@ -9,6 +9,7 @@ import re
 import pytest
 
 from seektune.config import RobustnessConfig
+from seektune.data.encode import last_exchange
 from seektune.evaluate.robustness import (
     distractor_sentences,
     measure_robustness,
@@ -175,20 +176,44 @@ def test_unknown_kind_and_bad_rate_raise():
         perturb("x", "typo", 0.0, random.Random(0), [])
 
 
-def test_perturb_conversation_changes_only_the_last_user_turn():
+def test_perturb_conversation_changes_only_the_question_turn():
     messages = [
         {"role": "system", "content": "You are a careful assistant."},
         {"role": "user", "content": "First question about budgets?"},
         {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "Second question about travel costs?"},
+        {"role": "assistant", "content": "Second answer."},
     ]
     original = [dict(m) for m in messages]
     noisy = perturb_conversation(messages, "typo", 0.2, random.Random(0), [])
     assert messages == original  # the input is not modified
-    assert noisy[:3] == original[:3]
+    assert noisy[:3] == original[:3] and noisy[4] == original[4]
     assert noisy[3]["role"] == "user" and noisy[3]["content"] != original[3]["content"]
-    answered = [*messages, {"role": "assistant", "content": "Second answer."}]
-    assert perturb_conversation(answered, "typo", 0.2, random.Random(0), [])[3] == noisy[3]
+    # A prompt still waiting for its answer (no assistant turn): its last user turn.
+    waiting = [messages[0], messages[3]]
+    assert perturb_conversation(waiting, "typo", 0.2, random.Random(0), []) == [messages[0], noisy[3]]
+
+
+def test_perturb_conversation_changes_the_question_of_the_last_answer_not_a_trailing_user_turn():
+    # A log that ends with the user after the last answer: the prompt (last_exchange, prompt_text) stops at
+    # that answer, so the noise must go on the question it answers, never on the dropped trailing turn.
+    messages = [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "First question about budgets?"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Second question about travel costs?"},
+        {"role": "assistant", "content": "Second answer."},
+        {"role": "user", "content": "Thanks, and one more thing about the library fund?"},
+    ]
+    noisy = perturb_conversation(messages, "typo", 0.2, random.Random(0), [])
+    context, question, answer = last_exchange(noisy)
+    clean_context, clean_question, clean_answer = last_exchange(messages)
+    assert question != clean_question and noisy[3]["content"] == question
+    assert [m for i, m in enumerate(noisy) if i != 3] == [m for i, m in enumerate(messages) if i != 3]
+    assert context[:3] == clean_context[:3] and answer == clean_answer
+    # No user turn before the last answer: nothing the prompt shows is perturbed.
+    orphan = [{"role": "assistant", "content": "An answer."}, {"role": "user", "content": "A reply."}]
+    assert perturb_conversation(orphan, "typo", 0.5, random.Random(0), []) == orphan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,10 +316,70 @@ def test_runner_skips_every_kind_without_a_user_prompt_and_scores_none():
     assert result["score"] is None and result["curves"] == {} and result["examples"] == []
 
 
-def test_runner_score_is_one_when_clean_is_zero_and_names_a_missing_metric():
+def test_runner_counts_only_a_changed_question_not_a_trailing_user_turn():
+    # The questions of the first two have letters, the third's has none; every trailing user turn (after
+    # the last answer, left out of the prompt) has letters. Typos change two questions of three.
+    def answered(question: str) -> list[dict[str, str]]:
+        return [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "An answer."},
+            {"role": "user", "content": "thanks a lot"},
+        ]
+
+    convs = [answered("keyword"), answered("keyword"), answered("12345")]
+    seen: list[list[tuple[str, str]]] = []
+
+    def score(batch):
+        seen.append([(last_exchange(c)[1], c[-1]["content"]) for c in batch])
+        return {"kw": sum(last_exchange(c)[1] == "keyword" for c in batch) / len(batch)}
+
+    cfg = RobustnessConfig(noise_rates=[0.1], perturbations=["typo"], max_samples=None)
+    result = measure_robustness(score, convs, None, cfg, 0, "kw", True, [])
+    assert result["changed_share"]["typo"]["0.1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert result["curves"]["typo"]["0.1"]["kw"] == 0.0
+    assert result["score"] == 0.0
+    questions, trailing = zip(*seen[-1], strict=True)
+    assert questions[2] == "12345" and all(q != "keyword" for q in questions[:2])
+    assert trailing == ("thanks a lot",) * 3  # the turn the prompt drops is left as it is
+    assert result["examples"][0]["clean"] == "keyword"
+
+    # Only letterless questions: typos change no prompt, however many letters the trailing turns have.
+    letterless = [answered("12345"), answered("67890")]
+    skipped = measure_robustness(score, letterless, None, cfg, 0, "kw", True, [])
+    assert skipped["skipped"] == {"typo": "no test prompt has Latin letters"}
+    assert skipped["score"] is None and skipped["curves"] == {}
+
+
+def test_runner_leaves_an_undefined_ratio_out_of_the_score():
+    # Clean exact match 0 (an untuned base): noisy / clean is undefined, so there is no score, not 1.0.
     convs = [conversation("Some text here.")]
-    cfg = RobustnessConfig(noise_rates=[0.2], perturbations=["casing"])
+    cfg = RobustnessConfig(noise_rates=[0.2, 0.5], perturbations=["casing"])
     result = measure_robustness(lambda b: {"m": 0.0}, convs, None, cfg, 0, "m", True, [])
-    assert result["relative_drop"]["casing"]["0.2"] is None and result["score"] == 1.0
+    assert result["score"] is None
+    assert result["reason"] == "clean m is 0 on these prompts: the drop under noise is undefined"
+    assert result["drop"]["casing"] == {"0.2": 0.0, "0.5": 0.0}  # the curve is still reported
+    assert result["relative_drop"]["casing"] == {"0.2": None, "0.5": None}
+    assert result["changed_share"]["casing"] == {"0.2": 1.0, "0.5": 1.0}
+
+    # Lower is better (clean / noisy): a noisy value of 0 or None leaves that rate out; the rest is scored.
+    noisy = iter([0.0, 4.0])  # one call per rate, in rate order (clean is given)
+    scored = measure_robustness(lambda b: {"ppl": next(noisy)}, convs, {"ppl": 2.0}, cfg, 0, "ppl", False, [])
+    assert scored["curves"]["casing"] == {"0.2": {"ppl": 0.0}, "0.5": {"ppl": 4.0}}
+    assert scored["score"] == pytest.approx(0.5) and "reason" not in scored  # 2 / 4 alone
+    missing = measure_robustness(lambda b: {"ppl": None}, convs, {"ppl": 2.0}, cfg, 0, "ppl", False, [])
+    assert missing["score"] is None
+    assert missing["reason"] == "noisy ppl is missing: the drop under noise is undefined"
+    assert missing["drop"]["casing"] == {"0.2": None, "0.5": None}
+    zero = measure_robustness(lambda b: {"ppl": 0.0}, convs, {"ppl": 2.0}, cfg, 0, "ppl", False, [])
+    assert zero["score"] is None
+    assert zero["reason"] == "noisy ppl is 0 on these prompts: clean / noisy is undefined"
+
+
+def test_runner_names_a_missing_metric_and_leaves_an_all_skipped_reason_to_skipped():
+    convs = [conversation("Some text here.")]
+    cfg = RobustnessConfig(noise_rates=[0.2], perturbations=["chinese"])
+    result = measure_robustness(lambda b: {"m": 0.5}, convs, None, cfg, 0, "m", True, [])
+    assert result["score"] is None and "reason" not in result
+    assert result["skipped"] == {"chinese": "no test prompt has Han characters"}
     with pytest.raises(ValueError, match="rouge_l"):
         measure_robustness(lambda b: {"m": 0.0}, convs, None, cfg, 0, "rouge_l", True, [])

@@ -135,11 +135,14 @@ def test_perplexity_as_primary_uses_its_inverse_and_relative_gap():
     assert dims["adaptability"]["score"] == pytest.approx(1 / 20.0)
 
 
-def test_weights_missing_from_the_config_weigh_zero():
-    cfg = _cfg(scorecard={"weights": {"accuracy": 1.0, "efficiency": 3.0}})
+def test_weights_not_listed_keep_their_default_and_zero_drops_a_dimension():
+    cfg = _cfg(scorecard={"weights": {"accuracy": 1.0, "efficiency": 3.0, "robustness": 0}})
+    assert cfg.scorecard.weights["fairness"] == 0.1  # not listed: the default
     entry = _full_entry() | {"efficiency": None}
     card = build_scorecard(entry, cfg)
     assert card["dimensions"]["robustness"]["weight"] == 0.0
     assert card["dimensions"]["robustness"]["score"] == pytest.approx(0.8)  # measured, shown, not weighed
-    assert card["overall"] == pytest.approx(0.4)  # accuracy alone
-    assert card["weight_measured"] == pytest.approx(0.25)
+    # accuracy 0.4 (w 1), explainability 0.6 (0.15), fairness 0.9 (0.1), adaptability 0.3 (0.1)
+    expected = (1.0 * 0.4 + 0.15 * 0.6 + 0.1 * 0.9 + 0.1 * 0.3) / 1.35
+    assert card["overall"] == pytest.approx(expected)
+    assert card["weight_measured"] == pytest.approx(1.35 / 4.35)

@@ -309,8 +309,8 @@ def test_warnings_for_empty_answers_and_labels_outside_the_choices(model, tokeni
     cfg = EvalConfig(metrics=["rouge_l", "accuracy"], choices=["good", "great"], max_new_tokens=3)
     with biased(model, tokenizer.eos_token_id, 1e4):
         result = task_metrics(model, tokenizer, data, cfg, label="base")
-    assert result.warnings[0] == "base: 4 of 4 answers are empty"
-    assert result.warnings[1].startswith("base: 2 of 4 test labels are not in eval.choices (bad)")
+    assert result.warnings[0] == "4 of 4 answers are empty"
+    assert result.warnings[1].startswith("2 of 4 test labels are not in eval.choices (bad)")
     assert result.scores["rouge_l"] == 0.0  # empty answers are still scored
     assert set(result.predicted_labels) <= {"good", "great"}
 

@@ -3,6 +3,7 @@ Trainer), save/load parity through load_model, batched generation with left padd
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -52,6 +53,12 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _cache_name(model: torch.nn.Module) -> str:
+    """The name the installed transformers takes and returns the key-value cache under: `cache` from 5.24 on,
+    `past_key_values` before (5.24 ignores that name when `cache` is set too)."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
 def _hand_fed(
     base: torch.nn.Module, states: list, ids: torch.Tensor, mask: torch.Tensor, first_position: int = 0
 ):
@@ -62,9 +69,8 @@ def _hand_fed(
         cache.update(keys.expand(len(ids), -1, -1, -1), values.expand(len(ids), -1, -1, -1), index)
     full_mask = torch.cat([torch.ones(len(ids), N, dtype=mask.dtype), mask], dim=-1)
     positions = torch.arange(first_position, first_position + ids.shape[1]).unsqueeze(0)
-    return base(
-        input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, labels=ids
-    )
+    cache_argument = {_cache_name(base): cache}
+    return base(input_ids=ids, attention_mask=full_mask, position_ids=positions, labels=ids, **cache_argument)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "llama", "qwen2"])
@@ -99,7 +105,7 @@ def test_training_forward_and_gradient_checkpointing_see_the_prefix(family_dirs:
         output = model(input_ids=ids, attention_mask=mask, labels=labels)
         output.loss.backward()
         torch.testing.assert_close(output.logits[mask.bool()], reference[mask.bool()], atol=1e-6, rtol=0)
-        assert output.past_key_values is None  # nothing cached while training
+        assert getattr(output, _cache_name(model)) is None  # nothing cached while training
         return output.loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     loss, grads = loss_and_grads()

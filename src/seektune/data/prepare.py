@@ -77,8 +77,13 @@ class _Steps:
         log_event(logger, f"data {step}", records_in=n_in, records_out=n_out, **row["removed"])
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> PreparedData:
-    """Run every data step; write the splits, the Arrow datasets and the report into `out_dir`."""
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path, need_train: bool = True
+) -> PreparedData:
+    """Run every data step; write the splits, the Arrow datasets and the report into `out_dir`.
+
+    `need_train=False` (an evaluation) accepts data without a training split.
+    """
     disable_progress_bars()  # one log line per step instead of a bar per map
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "cache"
@@ -89,7 +94,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> P
         dataset = _clean(cfg, dataset, steps, report)
         dataset = _dedup(cfg, dataset, seed, steps, report)
         records = _split(cfg, dataset, seed, steps)
-        records["train"] = _train_only_steps(cfg, records["train"], seed, steps, report)
+        if len(records["train"]) or need_train:
+            records["train"] = _train_only_steps(cfg, records["train"], seed, steps, report)
         records = {split: _with_system_prompt(rows, cfg.system_prompt) for split, rows in records.items()}
         records, tokenized = _tokenize(cfg, records, tokenizer, steps)
         lengths = {split: column_values(tokenized[split], "length") for split in SPLITS}  # per example
@@ -420,7 +426,7 @@ def _tokenize(
             kept_records[split] = rows.select(sorted({record_index[i] for i in keep}))
         else:  # one row per record: rows and records stay aligned for evaluation
             kept_records[split] = rows.select(keep)
-    if not len(tokenized["train"]):
+    if len(records["train"]) and not len(tokenized["train"]):  # (no training data at all: an evaluation)
         reasons = (
             ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in removed.items()) or "no records"
         )

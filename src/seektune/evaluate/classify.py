@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seektune.errors import UserError
 from seektune.evaluate.generate import eval_mode
 from seektune.evaluate.stats import ExampleStats, mean_stats
 from seektune.evaluate.text_metrics import CJK_CLASS, normalize_answer
@@ -150,7 +151,10 @@ def choice_predictions(
     pairs = [_continuation_ids(tokenizer, prompt, choice) for prompt in prompts for choice in choices]
     empty = [choices[i % len(choices)] for i, (_, continuation) in enumerate(pairs) if not continuation]
     if empty:
-        raise ValueError(f"choice {empty[0]!r} has no tokens after the prompt")
+        raise UserError(
+            f"the choice {empty[0]!r} has no tokens after the prompt, so it cannot be scored: set "
+            "eval.choices to labels with text, or eval.classify_by: generate"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with eval_mode(model):
         scores = np.asarray(_loglikelihoods(model, pairs, batch_size, pad_id)).reshape(len(prompts), -1)

@@ -11,17 +11,26 @@ hypothesis strings, with a Python loop per resample; scipy's `bootstrap` resampl
 cannot reduce a corpus statistic. Neither takes our `ExampleStats`, so the resampling is ours (about
 twenty lines of numpy, vectorised: a (samples, n) count matrix times the (n, k) statistics).
 
-Definitions (B is compared with A, `diff = B - A`):
-- confidence interval: the percentile interval of the resampled differences, the (1 - c) / 2 and
-  (1 + c) / 2 quantiles for confidence c.
-- p-value (two-sided paired bootstrap test, after Koehn 2004): with d the observed difference and d*_i the
-  resampled ones, c = #{i : d*_i <= 0} when d > 0 and #{i : d*_i >= 0} when d < 0 (the resamples that land
-  on the other side of 0, ties included), p = min(1, 2 (c + 1) / (samples + 1)); p = 1 when d = 0. The
-  "+1" (as in sacrebleu's `_compute_p_value`) keeps p above 0 with a finite number of resamples. It is the
-  smallest level at which the percentile interval would exclude 0, so it agrees with the verdict.
+Definitions (B is compared with A, `diff = B - A`; d*_1..d*_S the S resampled differences, d*_(j) the
+j-th smallest, confidence c, level alpha = 1 - c rounded to 12 decimals so that 0.95 gives exactly 0.05):
+- p-value (two-sided paired bootstrap test, after Koehn 2004): with L = #{i : d*_i <= 0} and
+  U = #{i : d*_i >= 0} (ties at 0 count on both sides), p = p(min(L, U)) where p(m) = min(1, 2 (m + 1) /
+  (S + 1)). The "+1" (as in sacrebleu's `_compute_p_value`) keeps p above 0 with finitely many resamples.
+  The count is taken on the side of 0 where fewer resamples lie; that is the side opposite the observed
+  difference unless the resamples mostly land across 0 from it (a biased corpus metric on few examples).
+- confidence interval: [d*_(k), d*_(S+1-k)], order statistics of the sorted resampled differences (no
+  interpolation), where k is the number of counts m = 0, 1, ... with p(m) < alpha, evaluated with the same
+  p(m). For S = 1000 and c = 0.95, k = 25: the 25th smallest and the 25th largest difference.
 - verdict: "B better" when the interval excludes 0 on B's favourable side (above 0 when higher is better,
   below when lower is better), "A better" when it excludes 0 on the other side, otherwise
   "no significant difference".
+These agree by construction: d*_(k) > 0 iff L < k iff p(L) < alpha, and d*_(S+1-k) < 0 iff U < k iff
+p(U) < alpha (p is increasing in m); both at once is impossible, as 2k <= S <= L + U. So p < 1 - c exactly
+when the interval excludes 0, i.e. when the verdict is not "no significant difference". E.g. at S = 1000,
+c = 0.95: 24 resamples <= 0 give p = 50/1001 = 0.04995 and "B better", 25 give p = 52/1001 = 0.052 and no
+significant difference. Too few resamples for c (k = 0: S + 1 <= 2 / alpha, where even p(0) >= alpha) is
+a `UserError`. A resample whose value is NaN (0/0 in a corpus metric) makes the test undefined: the interval
+is NaN, p = 1 and there is no significant difference.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from seektune.config import CompareConfig
+from seektune.errors import UserError
 from seektune.evaluate.stats import ExampleStats
 
 logger = logging.getLogger(__name__)
@@ -78,22 +88,61 @@ def paired_bootstrap(a: ExampleStats, b: ExampleStats, samples: int, confidence:
         raise ValueError(f"{a.metric}: no examples to compare")
     value_a, value_b = a.value(), b.value()
     diff = value_b - value_a
-    diffs = _resampled_differences(a, b, samples, seed)
-    tail = (1.0 - confidence) / 2.0
-    ci_low, ci_high = (float(q) for q in np.quantile(diffs, [tail, 1.0 - tail]))
+    test = bootstrap_test(_resampled_differences(a, b, samples, seed), confidence)
     return {
         "metric": a.metric,
         "a": value_a,
         "b": value_b,
         "diff": diff,
         "relative_diff": diff / abs(value_a) if value_a != 0 else None,
-        "ci_low": ci_low,
-        "ci_high": ci_high,
-        "p_value": _p_value(diffs, diff),
+        "ci_low": test["ci_low"],
+        "ci_high": test["ci_high"],
+        "p_value": test["p_value"],
         "higher_is_better": a.higher_is_better,
-        "verdict": _verdict(ci_low, ci_high, a.higher_is_better),
+        "verdict": _verdict(test["ci_low"], test["ci_high"], a.higher_is_better),
         "n": a.n,
     }
+
+
+def bootstrap_test(diffs: np.ndarray, confidence: float) -> dict[str, float]:
+    """{"ci_low", "ci_high", "p_value"} of resampled differences, defined so that p < 1 - confidence
+    exactly when the interval excludes 0 (see the module docstring)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    diffs = np.sort(np.asarray(diffs, dtype=float))
+    samples, alpha = len(diffs), round(1.0 - confidence, 12)
+    k = _interval_rank(samples, alpha)
+    if k == 0:
+        needed = math.floor(2 / alpha)
+        while _count_p_value(0, needed) >= alpha:
+            needed += 1
+        raise UserError(
+            f"{samples} bootstrap resamples cannot show a difference at {confidence:g} confidence (the "
+            f"smallest p-value is 2 / {samples + 1} = {_count_p_value(0, samples):.3g}): set "
+            f"eval.compare.bootstrap_samples to at least {needed} or lower eval.compare.confidence"
+        )
+    if np.isnan(diffs).any():
+        logger.warning("paired bootstrap: a resample has no defined value (NaN); no interval or verdict")
+        return {"ci_low": math.nan, "ci_high": math.nan, "p_value": 1.0}
+    below, above = int(np.sum(diffs <= 0)), int(np.sum(diffs >= 0))
+    return {
+        "ci_low": float(diffs[k - 1]),
+        "ci_high": float(diffs[samples - k]),
+        "p_value": _count_p_value(min(below, above), samples),
+    }
+
+
+def _count_p_value(count: int, samples: int) -> float:
+    """p(m): the two-sided p-value when `count` of `samples` resamples lie on the far side of 0."""
+    return min(1.0, 2.0 * (count + 1) / (samples + 1))
+
+
+def _interval_rank(samples: int, alpha: float) -> int:
+    """k: how many counts m = 0, 1, ... have p(m) < alpha (p grows with m, so they are 0..k-1)."""
+    k = 0
+    while k < samples and _count_p_value(k, samples) < alpha:
+        k += 1
+    return k
 
 
 def _resampled_differences(a: ExampleStats, b: ExampleStats, samples: int, seed: int) -> np.ndarray:
@@ -110,14 +159,6 @@ def _resampled_differences(a: ExampleStats, b: ExampleStats, samples: int, seed:
         values_b = np.asarray(b.reduce(counts @ b.stats), dtype=float)
         parts.append(values_b - values_a)
     return np.concatenate(parts)
-
-
-def _p_value(diffs: np.ndarray, diff: float) -> float:
-    """Two-sided paired bootstrap p-value: twice the share of resamples on the other side of 0."""
-    if diff == 0 or not math.isfinite(diff):
-        return 1.0
-    other_side = int(np.sum(diffs <= 0)) if diff > 0 else int(np.sum(diffs >= 0))
-    return min(1.0, 2.0 * (other_side + 1) / (len(diffs) + 1))
 
 
 def _verdict(ci_low: float, ci_high: float, higher_is_better: bool) -> str:
@@ -141,13 +182,15 @@ def compare_models(
     texts: dict | None = None,
 ) -> dict:
     """The comparison section: a paired bootstrap per metric both models have, a summary sentence, and the
-    examples where the primary metric differs most.
+    examples where one metric differs most.
 
-    `texts` = {"metric": primary, "prompts", "references", "a_outputs", "b_outputs"}, aligned with the
-    primary metric's examples; without it no examples are listed.
+    `texts` = {"metric", "prompts", "references", "a_outputs", "b_outputs"}, aligned with the examples of
+    `metric`, the one the examples are ranked by (for a label metric the references are the gold labels and
+    the outputs the predicted ones); without it no examples are listed. That metric is compared first and
+    recorded as "examples_metric" (None without texts), so that the report labels the scores with it.
     """
     shared = [metric for metric in stats_a if metric in stats_b]
-    primary = texts.get("metric") if texts else None
+    primary = texts["metric"] if texts else None
     if primary in shared:
         shared.remove(primary)
         shared.insert(0, primary)
@@ -167,6 +210,7 @@ def compare_models(
         "samples": cfg.bootstrap_samples,
         "metrics": metrics,
         "summary": summary_sentence(metrics, names, cfg.confidence),
+        "examples_metric": primary,
         "examples": examples,
     }
 

@@ -229,8 +229,3 @@ def _latency_figures(alone: list[dict[str, Any]]) -> dict[str, Any]:
         "total_ms_all": [round(ms, 3) for ms in total_ms],
     }
 
-
-def efficiency_score(result: dict[str, Any], budget_ms: float) -> float:
-    """min(1, budget_ms / ms_per_token): 1 within the latency budget, budget / measured beyond it."""
-    measured = result["ms_per_token"]
-    return 1.0 if measured <= 0 else min(1.0, budget_ms / measured)

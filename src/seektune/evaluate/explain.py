@@ -1,20 +1,24 @@
 """Explainability: how much of its attention a model puts on the prompt while it writes its answer.
 
 For each (prompt, generated answer) pair one forward pass runs over the prompt tokens followed by the answer
-tokens with `output_attentions=True`. For every answer position q (the answer tokens themselves, as
-queries) the attention weights, averaged over heads (and, for the overall value, over layers too), are
-split into mass on prompt positions and mass on everything else the position can see. The first token is
-left out of both and the rest renormalised: decoder models park a large, content-free share of attention
-on the first token (the BOS "attention sink", Xiao et al. 2023), which would otherwise count as attention
-on the prompt whatever the model reads. With W the averaged weights and P the prompt length::
+tokens with `output_attentions=True`. The row of the query at answer position q is the generation step
+that wrote the token after it (the next answer token, or the end after the last one), so the rows read are
+the answer's own positions, q = P .. L-1 (P the prompt length, L prompt plus answer), one per answer token.
+The step that wrote the first answer token, the last prompt token's row, is left out: the causal mask lets
+it see nothing but the prompt, so its share is 1 whatever the model does. Each row's
+attention weights, averaged over heads (and, for the overall value, over layers too), are split into mass
+on prompt positions and mass on everything else the query can see. The first token is left out of both and
+the rest renormalised: decoder models park a large, content-free share of attention on the first token
+(the BOS "attention sink", Xiao et al. 2023), which would otherwise count as attention on the prompt
+whatever the model reads. With W the averaged weights::
 
-    share(q) = sum(W[q, 1:P]) / sum(W[q, 1:q+1])
+    share(q) = sum(W[q, 1:P]) / sum(W[q, 1:q+1])        for q = P .. L-1
 
-The value is the mean over answer positions, then over examples; `per_layer` is the same with W averaged
-over heads only, one value per layer. Pairs with an empty answer, or a prompt of fewer than two tokens
-(nothing left once the first token is dropped), are skipped. With a prompt-learning PEFT adapter the
-virtual tokens are not part of the text and are left out like the first token (the last `len(text)` query
-and key positions are used).
+The value is the mean over these rows, then over examples; `per_layer` is the
+same with W averaged over heads only, one value per layer. Pairs with an empty answer, or a prompt of fewer
+than two tokens (nothing left once the first token is dropped), are skipped. With a prompt-learning PEFT
+adapter the virtual tokens are not part of the text and are left out like the first token (the last
+`len(text)` query and key positions are used).
 
 Attention weights exist only with eager attention (SDPA and flash kernels never materialise them), so the
 model is switched to eager for the measurement and back afterwards. Captum and bertviz visualise attention
@@ -33,8 +37,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 METHOD = (
-    "mean share of attention from answer tokens to prompt tokens (first token excluded), averaged over heads "
-    "and layers"
+    "mean share of attention on prompt tokens (first token excluded) from the answer's positions (the "
+    "steps that wrote each answer token after the first, and the end), averaged over heads and layers"
 )
 
 
@@ -117,7 +121,10 @@ def _example_shares(model: Any, prompt: list[int], answer: list[int]) -> tuple[f
 
 
 def _prompt_share(mass: torch.Tensor, prompt_len: int) -> float:
-    """Mean over answer rows q >= prompt_len of mass[q, 1:prompt_len] / mass[q, 1:q+1] (mass: (L, L))."""
-    rows = mass[prompt_len:, 1:]  # answer queries; every key but the first (causal: later keys hold 0)
+    """Mean over the answer's rows q = prompt_len .. L-1 (the steps after the first answer token) of
+    mass[q, 1:prompt_len] / mass[q, 1:q+1] (mass: (L, L))."""
+    # Row q predicts token q+1: the last prompt row writes the first answer token and the last row (the
+    # final answer token as query) writes nothing. Every key but the first (causal: later keys hold 0).
+    rows = mass[prompt_len:, 1:]
     on_prompt = rows[:, : prompt_len - 1].sum(-1)
     return float((on_prompt / rows.sum(-1).clamp_min(1e-12)).mean())

@@ -226,7 +226,7 @@ def _unknown_tasks_message(missing: list[str], task_manager: Any) -> str:
     return (
         f"unknown lm-eval task {', '.join(map(repr, missing))}{did_you_mean}: list the known ones with "
         "`lm-eval ls tasks` (add --include_path DIR to see your own), and pass the folder holding a local "
-        "task's YAML as include_path (seektune eval harness --include-path DIR)"
+        "task's YAML as include_path (seektune harness --include-path DIR)"
     )
 
 

@@ -143,7 +143,9 @@ def task_metrics(
     result = TaskResult({}, {"n": len(rows)}, {}, [], [], [evaluated[i] for i in conversations], evaluated)
     if not rows:
         result.missing = {
-            m: "the test split is empty: add data or raise data.test_ratio" for m in cfg.metrics
+            m: "the test split is empty: add data or raise data.test_ratio (for a second domain: give "
+            "eval.adaptability.source a file with examples)"
+            for m in cfg.metrics
         }
         return result
     started = time.perf_counter()
@@ -268,7 +270,8 @@ def _summarise(result: TaskResult, label: str) -> None:
         empty = sum(not g.text.strip() for g in generations)
         if empty:
             result.warnings.insert(0, f"{empty} of {len(generations)} answers are empty")
-    result.warnings = [f"{label}: {warning}" for warning in result.warnings]
+    for warning in result.warnings:  # the report names the model beside each one
+        logger.warning("%s: %s", label, warning)
 
 
 def evaluate_model(

@@ -104,8 +104,12 @@ def compared_pair(evaluation: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _fmt_diff(name: str, value: float) -> str:
-    """A signed difference in the metric's units: '+0.091', or '−2.0 pp' for a metric shown in percent."""
-    return _fmt_points_change(0.0, value) if _metric(name).kind == "percent" else signed_num(value)
+    """A signed difference in the metric's units: '+0.091', or '−2.0 pp' for a metric shown in percent;
+    '0' / '0 pp' without a sign (an interval bound of exactly 0 is common for 0/1 scores, and '+0.0 pp'
+    would read as above 0)."""
+    if _metric(name).kind != "percent":
+        return signed_num(value)
+    return "0 pp" if value == 0 else _fmt_points_change(0.0, value)
 
 
 def _significance_cell(name: str, result: dict[str, Any], confidence: Any, a: str, b: str) -> Cell:

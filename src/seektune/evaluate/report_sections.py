@@ -214,7 +214,8 @@ def _robustness_notes(sections: dict[str, dict[str, Any]], metric: str) -> list[
     for name, section in sections.items():
         clean = (section.get("clean") or {}).get(metric)
         score = section.get("score")
-        score_text = _fmt_num(score) if _is_number(score) else "not measured (no kind changed any prompt)"
+        why = section.get("reason") or "no kind changed any prompt"
+        score_text = _fmt_num(score) if _is_number(score) else f"not measured ({why})"
         notes.append(
             [
                 f"{name}: clean {_metric(metric).label} {_fmt_num(clean)}; robustness score {score_text} "
@@ -442,27 +443,33 @@ def _review_section(review: dict[str, Any] | None, run_ref: str) -> list[Block]:
     return blocks
 
 
-def _examples_section(comparison: dict[str, Any] | None, primary: str | None) -> list[Block]:
+def _examples_section(comparison: dict[str, Any] | None) -> list[Block]:
+    """The examples the comparison ranked by its `examples_metric` (not necessarily the primary metric),
+    each titled with that metric's per-example value under A and B."""
     if not isinstance(comparison, dict) or not comparison.get("examples"):
         return []
     a, b = str(comparison.get("a")), str(comparison.get("b"))
-    label = _metric(primary).label if primary else "the primary metric"
+    metric = comparison.get("examples_metric")
+    label = _metric(metric).label if metric else "score"
     blocks: list[Block] = [
         Heading(2, f"Where {a} and {b} differ most"),
-        Paragraph([f"The test examples with the largest difference in {label} between the two models."]),
+        Paragraph(
+            [
+                f"The test examples whose {label} differs most between the two models, largest difference "
+                f"first; each title gives the example's own {label} under each model."
+            ]
+        ),
     ]
     for example in comparison["examples"]:
-        title = (
-            f"Example {example.get('index')}: {a} {_fmt_num(example.get('a_score'))}, "
-            f"{b} {_fmt_num(example.get('b_score'))}"
-        )
+        scores = f"{a} {_fmt_num(example.get('a_score'))}, {b} {_fmt_num(example.get('b_score'))}"
         fields = [
             ("Prompt", example.get("prompt")),
             ("Reference", example.get("reference")),
             (a, example.get("a_output")),
             (b, example.get("b_output")),
         ]
-        blocks.append(Example(title, [(k, _clip(v, EXAMPLE_CHARS) or "(empty)") for k, v in fields]))
+        clipped = [(k, _clip(v, EXAMPLE_CHARS) or "(empty)") for k, v in fields]
+        blocks.append(Example(f"Example {example.get('index')}, {label}: {scores}", clipped))
     return blocks
 
 
@@ -491,6 +498,6 @@ def document_blocks(evaluation: dict[str, Any], plots: Collection[str], run_ref:
         *_fairness_section(evaluation),
         *_adaptability_section(evaluation),
         *_review_section(evaluation.get("review"), run_ref),
-        *_examples_section(evaluation.get("comparison"), primary_metric(evaluation)),
+        *_examples_section(evaluation.get("comparison")),
         *_problems_section(evaluation),
     ]

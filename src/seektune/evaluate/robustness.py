@@ -1,7 +1,10 @@
 """Robustness: the task metrics again on noisy prompts, reported as the drop from the clean input.
 
-Noise goes on the prompt only: the last user message of each conversation (the system prompt and earlier
-turns stay as they are). Five kinds, each measured on its own at every rate of `eval.robustness`:
+Noise goes on the prompt only: the question of each conversation, the user message that
+`seektune.data.encode.last_exchange` pairs with the last answer (the system prompt, earlier turns and any
+user turns after the last answer, which the rendered prompt leaves out, stay as they are; a conversation
+without an answer has its last user message perturbed). Five kinds, each measured on its own at every rate
+of `eval.robustness`:
 
 - typo: about `rate` of the Latin letters get one edit each: swap with the next letter, deletion,
   insertion of a random letter, or a QWERTY keyboard neighbour (case kept);
@@ -16,6 +19,9 @@ turns stay as they are). Five kinds, each measured on its own at every rate of `
   examples' reference answers) inserted at sentence boundaries (. ! ? and 。！？ end a sentence).
 
 The noise is seeded per example (`random.Random(seed + index)`), so a rerun perturbs identically.
+The score compares noisy with clean as a ratio; a (kind, rate) where that ratio is undefined (clean metric 0,
+or noisy 0 for a lower-is-better metric) is left out of it, and with nothing left the score is None with a
+reason, never a made-up number.
 Our own code, with the standard library only: nlpaug and TextAttack do character noise, but they are heavy,
 pull in models and corpora (WordNet, embeddings) for the word-level attacks, and know neither Chinese
 character noise nor full-width punctuation.
@@ -24,6 +30,7 @@ character noise nor full-width punctuation.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import string
@@ -234,23 +241,29 @@ def distractor_sentences(references: list[str]) -> list[str]:
 # Conversations
 
 
-def _last_user(messages: Conversation) -> int | None:
-    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+def _question(messages: Conversation) -> int | None:
+    """Index of the question: the last user turn before the last assistant turn, as in `last_exchange`
+    (turns after the last answer are not part of the rendered prompt); without an assistant turn, the last
+    user turn. None when there is no such turn."""
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    end = answers[-1] if answers else len(messages)
+    return next((i for i in range(end - 1, -1, -1) if messages[i].get("role") == "user"), None)
 
 
 def perturb_conversation(
     messages: Conversation, kind: str, rate: float, rng: random.Random, distractors: list[str]
 ) -> Conversation:
-    """A copy of `messages` whose last user message carries the noise; every other message unchanged."""
+    """A copy of `messages` whose question (see `_question`) carries the noise; every other message
+    unchanged."""
     copied = [dict(m) for m in messages]
-    index = _last_user(copied)
+    index = _question(copied)
     if index is not None:
         copied[index]["content"] = perturb(copied[index]["content"], kind, rate, rng, distractors)
     return copied
 
 
 def _prompt(messages: Conversation) -> str:
-    index = _last_user(messages)
+    index = _question(messages)
     return "" if index is None else messages[index]["content"]
 
 
@@ -283,11 +296,13 @@ def measure_robustness(
     distractors: sentences to insert (see `distractor_sentences`); when there is one per conversation,
         entry i is conversation i's own and never inserted into it.
     Returns {"metric", "n", "rates", "clean", "curves": {kind: {rate: metrics}}, "drop": {kind: {rate:
-    clean - noisy}} (noisy - clean when lower is better; positive = worse), "relative_drop" (drop / clean,
-    None when clean is 0), "skipped": {kind: reason} for a kind that changed no prompt, "changed_share"
-    (share of prompts changed), "score" (mean of min(1, noisy / clean) over kinds and rates, clean / noisy
-    when lower is better; None when nothing was measured), "examples" (one clean/noisy prompt per kind)};
-    rates are keys as strings (JSON).
+    clean - noisy}} (noisy - clean when lower is better; positive = worse; None when a value is missing),
+    "relative_drop" (drop / clean, None when clean is 0), "skipped": {kind: reason} for a kind that changed
+    no prompt, "changed_share" (share of prompts whose question changed), "score" (mean of min(1, noisy /
+    clean) over kinds and rates, clean / noisy when lower is better; a (kind, rate) whose denominator is 0 or
+    missing is left out), "examples" (one clean/noisy prompt per kind)}, plus "reason" (why) when "score"
+    is None although some kind was measured (when every kind was skipped, "skipped" says why); rates are
+    keys as strings (JSON).
     """
     n = len(conversations) if cfg.max_samples is None else min(cfg.max_samples, len(conversations))
     subset = conversations[:n]
@@ -300,10 +315,18 @@ def measure_robustness(
         "metric": metric, "n": n, "rates": list(cfg.noise_rates), "clean": dict(clean), "curves": {},
         "drop": {}, "relative_drop": {}, "skipped": {}, "changed_share": {}, "score": None, "examples": [],
     }  # fmt: skip
-    ratios: list[float] = []
+    terms: list[tuple[float | None, str]] = []
     for kind in cfg.perturbations:
-        ratios += _measure_kind(result, score, subset, kind, seed, pools, higher_is_better)
-    result["score"] = round(fmean(ratios), 6) if ratios else None
+        terms += _measure_kind(result, score, subset, kind, seed, pools, higher_is_better)
+    ratios = [ratio for ratio, _ in terms if ratio is not None]
+    if ratios:
+        result["score"] = round(fmean(ratios), 6)
+    elif terms:  # measured, but no ratio is defined (with none measured, "skipped" says why)
+        result["reason"] = "; ".join(dict.fromkeys(why for _, why in terms))
+        logger.info("robustness: no score (%s)", result["reason"])
+    if ratios and len(ratios) < len(terms):
+        left_out = len(terms) - len(ratios)
+        logger.warning("robustness: %d of %d noisy points left out of the score", left_out, len(terms))
     return result
 
 
@@ -315,8 +338,9 @@ def _measure_kind(
     seed: int,
     pools: list[list[str]],
     higher: bool,
-) -> list[float]:
-    """Fill `result` for one kind at every rate; returns the score's terms (none when skipped)."""
+) -> list[tuple[float | None, str]]:
+    """Fill `result` for one kind at every rate; returns the score's terms (none when skipped), each a
+    ratio or None with the reason it is undefined."""
     rates = result["rates"]
     clean_prompts = [_prompt(conv) for conv in subset]
     noisy = {rate: _perturb_all(subset, kind, rate, seed, pools) for rate in rates}
@@ -351,23 +375,39 @@ def _perturb_all(
 
 def _record_rate(
     result: dict[str, Any], kind: str, rate: float, noisy: dict[str, float], higher: bool
-) -> float:
-    """Store one point of the curve; returns its term of the score, min(1, noisy / clean)."""
+) -> tuple[float | None, str]:
+    """Store one point of the curve; returns its term of the score (see `_kept_share`)."""
     key, metric = str(rate), result["metric"]
     clean_value, noisy_value = result["clean"][metric], noisy[metric]
-    drop = clean_value - noisy_value if higher else noisy_value - clean_value
+    drop = None
+    if _is_value(clean_value) and _is_value(noisy_value):
+        drop = clean_value - noisy_value if higher else noisy_value - clean_value
     result["curves"].setdefault(kind, {})[key] = dict(noisy)
-    result["drop"].setdefault(kind, {})[key] = round(drop, 6)
-    result["relative_drop"].setdefault(kind, {})[key] = round(drop / clean_value, 6) if clean_value else None
-    logger.info("robustness: %s at %s: %s %.4f (clean %.4f)", kind, key, metric, noisy_value, clean_value)
-    return _kept_share(clean_value, noisy_value, higher)
+    result["drop"].setdefault(kind, {})[key] = None if drop is None else round(drop, 6)
+    relative = round(drop / clean_value, 6) if drop is not None and clean_value else None
+    result["relative_drop"].setdefault(kind, {})[key] = relative
+    logger.info("robustness: %s at %s: %s %s (clean %s)", kind, key, metric, noisy_value, clean_value)
+    return _kept_share(clean_value, noisy_value, higher, metric)
 
 
-def _kept_share(clean: float, noisy: float, higher: bool) -> float:
-    """min(1, noisy / clean) when higher is better, min(1, clean / noisy) when lower is; 1 when the
-    denominator is 0 (nothing to lose)."""
+def _is_value(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _kept_share(
+    clean: float | None, noisy: float | None, higher: bool, metric: str
+) -> tuple[float | None, str]:
+    """(min(1, noisy / clean), "") when higher is better, min(1, clean / noisy) when lower is; (None, why)
+    when the denominator is 0 or a value is missing: the share kept under noise is then undefined."""
     numerator, denominator = (noisy, clean) if higher else (clean, noisy)
-    return 1.0 if denominator <= 0 else max(0.0, min(1.0, numerator / denominator))
+    missing = [name for name, value in (("clean", clean), ("noisy", noisy)) if not _is_value(value)]
+    if missing:
+        return None, f"{' and '.join(missing)} {metric} is missing: the drop under noise is undefined"
+    if denominator <= 0 and higher:
+        return None, f"clean {metric} is 0 on these prompts: the drop under noise is undefined"
+    if denominator <= 0:
+        return None, f"noisy {metric} is 0 on these prompts: clean / noisy is undefined"
+    return max(0.0, min(1.0, numerator / denominator)), ""
 
 
 _EXAMPLE_CHARS = 600

@@ -93,6 +93,8 @@ def _robustness(section: dict | None, cfg: EvalConfig) -> _Score:
     if section is None:
         return None, None, _off_reason("robustness", cfg.robustness.enabled, "eval.robustness.enabled")
     score = _number(section.get("score"))
+    if score is None and section.get("reason"):
+        return None, None, f"{section['reason']} (eval.robustness)"
     if score is None:
         skipped = "; ".join(f"{kind}: {why}" for kind, why in (section.get("skipped") or {}).items())
         why = (
@@ -115,6 +117,8 @@ def _efficiency(section: dict | None, cfg: EvalConfig) -> _Score:
     if section is None:
         return None, None, _off_reason("efficiency", cfg.efficiency.enabled, "eval.efficiency.enabled")
     ms = _number(section.get("ms_per_token"))
+    if (ms is None or ms <= 0) and section.get("reason"):
+        return None, None, f"{section['reason']} (eval.efficiency)"
     if ms is None or ms <= 0:
         return None, None, "the efficiency section has no per-token latency (ms_per_token) (eval.efficiency)"
     budget = cfg.efficiency.latency_budget_ms

@@ -20,7 +20,9 @@ in dimension 2". PEFT also moves the real tokens to positions n..n+L-1 (measured
 without prefix gives them.
 
 How it attaches: the prefix module is `model.seektune_prefix`; a forward pre-hook on the decoder
-(`model.model`) hands the prefix to the layers through the cache mechanism:
+(`model.model`) hands the prefix to the layers through the cache mechanism. The decoder takes and returns the
+cache as `cache` from transformers 5.24 on, as `past_key_values` before (5.24 still accepts that name alone,
+but ignores it when `cache` is set too); the hook uses the name the decoder's forward declares:
 - a forward that builds no cache to keep (training with gradients, or `use_cache=False`) gets a read-only
   `PrefixCache` whose layers return prefix + new states and store nothing. Under gradient checkpointing the
   decoder layers would drop a cache (a cache that stores would be written again when the backward pass
@@ -153,9 +155,10 @@ class _PrefixInjector:
     A callable object rather than a closure so that `copy.deepcopy` of the model maps it onto the copied
     encoder (as the bottleneck adapters' hooks do)."""
 
-    def __init__(self, encoder: PrefixEncoder, devices: list[torch.device]) -> None:
+    def __init__(self, encoder: PrefixEncoder, devices: list[torch.device], cache_name: str) -> None:
         self.encoder = encoder
         self.devices = devices  # the device of each decoder layer (a model may be split across GPUs)
+        self.cache_name = cache_name  # the decoder's cache argument and output field (`_cache_name`)
 
     def before(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         kwargs = _as_keywords(decoder, args, kwargs)
@@ -163,14 +166,16 @@ class _PrefixInjector:
         inputs = kwargs["input_ids"] if inputs is None else inputs
         batch_size, query_length = inputs.shape[:2]
         prefix_length = self.encoder.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        if self.cache_name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated name
+            kwargs.setdefault(self.cache_name, kwargs.pop("past_key_values"))
+        cache = kwargs.get(self.cache_name)
         if cache is None or isinstance(cache, PrefixCache) or _is_fresh(cache):
             given = None if isinstance(cache, PrefixCache) else cache
             cache = self._new_cache(decoder, given, kwargs.get("use_cache"), batch_size)
         elif getattr(cache, "seektune_prefix_length", None) != prefix_length:
             raise ValueError(
-                "past_key_values holds states computed without this model's prefix: pass an empty cache or "
-                "the cache a previous call of this model returned"
+                f"{self.cache_name} holds states computed without this model's prefix: pass an empty cache "
+                f"or the cache a previous call of this model returned"
             )
         past_length = cache.get_seq_length() - prefix_length  # real tokens already in the cache
         mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -181,12 +186,12 @@ class _PrefixInjector:
         if position_ids is None:  # what the model without prefix would use: the prefix is no past token
             positions = torch.arange(past_length, past_length + query_length, device=inputs.device)
             kwargs["position_ids"] = positions.unsqueeze(0)
-        kwargs["past_key_values"] = cache
+        kwargs[self.cache_name] = cache
         return (), kwargs
 
     def after(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if isinstance(kwargs.get("past_key_values"), PrefixCache) and hasattr(output, "past_key_values"):
-            output.past_key_values = None  # nothing was cached: do not hand the read-only prefix on
+        if isinstance(kwargs.get(self.cache_name), PrefixCache) and hasattr(output, self.cache_name):
+            setattr(output, self.cache_name, None)  # nothing was cached: do not hand the read-only prefix on
         return output
 
     def _new_cache(
@@ -219,6 +224,12 @@ def _as_keywords(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict
         return dict(kwargs)
     names = list(inspect.signature(module.forward).parameters)
     return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _cache_name(decoder: nn.Module) -> str:
+    """The name under which `decoder.forward` takes the key-value cache, and its output holds it: `cache`
+    from transformers 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _is_fresh(cache: Cache) -> bool:
@@ -293,7 +304,7 @@ def cached_states(model: nn.Module, token_ids: torch.Tensor) -> list[LayerStates
     try:
         with torch.no_grad():
             token_ids = token_ids.to(model.get_input_embeddings().weight.device)
-            decoder(input_ids=token_ids, past_key_values=cache, use_cache=True)
+            decoder(input_ids=token_ids, use_cache=True, **{_cache_name(decoder): cache})
     finally:
         model.train(was_training)
     kinds = {type(layer).__name__ for layer in cache.layers}
@@ -312,7 +323,7 @@ def _attach(model: nn.Module, encoder: PrefixEncoder, like: torch.Tensor) -> Non
     encoder.to(device=like.device, dtype=like.dtype)
     encoder.train(model.training)
     model.add_module(PREFIX_MODULE, encoder)
-    injector = _PrefixInjector(encoder, [_device(block) for block in blocks])
+    injector = _PrefixInjector(encoder, [_device(block) for block in blocks], _cache_name(decoder))
     decoder.register_forward_pre_hook(injector.before, with_kwargs=True)
     decoder.register_forward_hook(injector.after, with_kwargs=True)
     for block in blocks:  # keep the read-only prefix cache under gradient checkpointing (module docstring)

@@ -337,7 +337,17 @@ class _Search:
         )
         # Optuna keeps intermediate values (the pruners' input) for one objective only.
         reporter = [PruningReporter(trial)] if len(self.cfg.tune.metrics()) == 1 else []
-        result = train(cfg.train, model, loaded.tokenizer, data, run, cfg.seed, callbacks=reporter)
+        result = train(
+            cfg.train,
+            model,
+            loaded.tokenizer,
+            data,
+            run,
+            cfg.seed,
+            callbacks=reporter,
+            eval_cfg=cfg.eval,
+            system_prompt=cfg.data.system_prompt,
+        )
         trial.set_user_attr("steps", result.steps)
         metrics = {
             "eval_loss": result.eval_loss,
