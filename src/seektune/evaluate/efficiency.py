@@ -228,4 +228,3 @@ def _latency_figures(alone: list[dict[str, Any]]) -> dict[str, Any]:
         "token_ms_all": [round(ms, 3) for ms in token_ms],
         "total_ms_all": [round(ms, 3) for ms in total_ms],
     }
-
