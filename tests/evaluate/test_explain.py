@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import pre_tokenizers
-from transformers import AutoModelForCausalLM
 
 from seektune.evaluate.explain import attention_on_prompt
 from train.tinymodels import deepseek_v3, llama
@@ -20,15 +19,6 @@ def word_tokenizer():
     tokenizer = _word_tokenizer()
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tokenizer
-
-
-def _deepseek():
-    """tinymodels' DeepSeek-V3 with one key-value head per query head, as MLA has (and eager attention
-    needs: the config default of 128 key-value heads makes 4 // 128 = 0 key-value groups)."""
-    config = deepseek_v3().config
-    config.num_key_value_heads = config.num_attention_heads
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).float()
 
 
 def _by_hand(model, prompt_ids: list[int], answer: list[int]) -> tuple[float, list[float]]:
@@ -63,7 +53,7 @@ def _by_hand(model, prompt_ids: list[int], answer: list[int]) -> tuple[float, li
 
 
 @pytest.mark.parametrize("answer", [[40, 41, 42], [40]], ids=["three_tokens", "one_token"])
-@pytest.mark.parametrize("build", [llama, _deepseek], ids=["llama", "deepseek_v3"])
+@pytest.mark.parametrize("build", [llama, deepseek_v3], ids=["llama", "deepseek_v3"])
 def test_share_matches_a_hand_computation_and_attention_is_restored(build, answer):
     model, tokenizer = build().eval(), word_tokenizer()
     assert model.config._attn_implementation == "sdpa"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from seektune.config import EvalConfig
 from seektune.data.encode import encode_chat, encode_text, prompt_text
@@ -25,6 +25,7 @@ from seektune.evaluate.classify import (
 from seektune.evaluate.generate import generate_answers
 from seektune.evaluate.metrics import evaluate_model, perplexity, perplexity_stats, task_metrics
 from seektune.evaluate.text_metrics import text_metric_stats
+from train.tinymodels import deepseek_v3, llama
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 WORDS = "USER BOT review great awful movie film the cat sat on a mat dog ran good bad what is it say yes no"
@@ -51,22 +52,18 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def _ids(tokenizer) -> dict[str, int]:
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return AutoModelForCausalLM.from_config(config).float().eval()
+    return llama(**_ids(tokenizer)).eval()
 
 
 @contextmanager
@@ -344,30 +341,7 @@ def test_an_empty_test_split_misses_every_metric(model, tokenizer):
 
 @pytest.fixture(scope="module")
 def deepseek(tokenizer):
-    torch.manual_seed(0)
-    config = DeepseekV3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        n_group=1,
-        topk_group=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return AutoModelForCausalLM.from_config(config).float().eval()
+    return deepseek_v3(**_ids(tokenizer)).eval()
 
 
 def test_deepseek_v3_batched_statistics_equal_one_forward_each(deepseek, tokenizer):

@@ -22,46 +22,53 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def llama():
-    """A seeded two-block Llama (hidden 32, 4 heads, 2 key-value heads), untied head."""
+def llama(**config_overrides):
+    """A seeded two-block Llama (hidden 32, 4 heads, 2 key-value heads), untied head; `config_overrides`
+    for another tokenizer (vocab_size, pad/bos/eos ids)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "pad_token_id": PAD,
+            **config_overrides,
+        }
     )
     return AutoModelForCausalLM.from_config(config).float()
 
 
-def deepseek_v3():
+def deepseek_v3(**config_overrides):
     """A seeded DeepSeek-V3: MLA attention, block 0 dense, block 1 MoE with 4 fused routed experts (2 per
-    token) and a shared expert."""
+    token) and a shared expert; `config_overrides` as for `llama`."""
     torch.manual_seed(0)
     config = DeepseekV3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,  # V3's default (128) would leave 0 key-value groups: eager attention fails
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        n_group=1,
-        topk_group=1,
-        pad_token_id=PAD,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,  # the default (128) leaves 0 key-value groups: eager attention fails
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "n_group": 1,
+            "topk_group": 1,
+            "pad_token_id": PAD,
+            **config_overrides,
+        }
     )
     return AutoModelForCausalLM.from_config(config).float()
 
