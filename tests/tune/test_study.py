@@ -94,6 +94,7 @@ def _dead_pid() -> int:
     return process.pid
 
 
+@pytest.mark.slow  # a trained study twice: ~16 s, kept out of the fast part
 def test_resume_continues_the_study_and_runs_an_interrupted_trial_again(tmp_path, base_cache):
     space = {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     tune = {"n_trials": 1, "sampler": "random", "pruner": "none", "space": space}
@@ -122,6 +123,7 @@ def test_resume_continues_the_study_and_runs_an_interrupted_trial_again(tmp_path
         run_tune_stage(more, resume=True)  # both runs completed now
 
 
+@pytest.mark.slow
 def test_pareto_front_of_loss_against_trainable_parameters(tmp_path, base_cache):
     tune = {
         "n_trials": 2,
