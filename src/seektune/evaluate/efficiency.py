@@ -34,7 +34,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from seektune.config import EfficiencyConfig
 from seektune.errors import UserError
-from seektune.evaluate.generate import stop_ids
+from seektune.evaluate.generate import GREEDY, stop_ids
 from seektune.train.throughput import peak_memory_bytes
 
 logger = logging.getLogger(__name__)
@@ -100,10 +100,7 @@ def _generate(model: Any, tokenizer: Any, enc: Any, new_tokens: int, timer: Step
         **enc,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
+        **GREEDY,
         eos_token_id=stop_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         stopping_criteria=StoppingCriteriaList([timer]) if timer is not None else None,

@@ -46,11 +46,14 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # generate() kwargs
+
+
 def _sampling(cfg: EvalConfig) -> dict[str, Any]:
     """generate() settings of cfg: greedy, or temperature and nucleus sampling alone (top_k 0: no top-k)."""
     if cfg.do_sample:
         return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return dict(GREEDY)
 
 
 @torch.no_grad()
