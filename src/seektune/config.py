@@ -75,6 +75,11 @@ class ModelConfig(Section):
     base: BaseBuildConfig = Field(
         default_factory=BaseBuildConfig, description="Recipe of the offline base model."
     )
+    int8_kernel: Literal["auto", "torchao", "fbgemm"] = Field(
+        "auto",
+        description="Kernel of an int8_dynamic model on a CPU: 'auto' is fbgemm (PyTorch's int8 matmul, "
+        "about 3x faster per Linear at batch 1 here than torchao's CPU path); weights are the same.",
+    )
 
     @field_validator("cache_dir")
     @classmethod
@@ -886,12 +891,162 @@ class EvalConfig(Section):
         return self
 
 
-class CompressConfig(Section):
-    """Compression of the tuned model; runs when enabled."""
+class StepCheckConfig(Section):
+    """How a compression step's result must compare with the step before it on the fixed prompt set.
 
-    enabled: bool = Field(False, description="Compress after evaluation.")
-    merge_adapter: bool = Field(True, description="Fold a LoRA/DoRA adapter into the base weights.")
-    quantize: Literal["none", "int8", "nf4"] = Field("none", description="Weight quantisation.")
+    A check that fails stops the chain with a report (compress/report.md); None turns that check off.
+    """
+
+    max_logit_diff: float | None = Field(
+        None, gt=0, description="Largest absolute difference of any next-token logit; None: not checked."
+    )
+    max_perplexity_increase: float | None = Field(
+        0.05, ge=0, description="Largest relative rise of test perplexity (0.05 = 5%); None: not checked."
+    )
+    min_greedy_agreement: float | None = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Smallest share of greedy next tokens (over the prompts' continuations) that must "
+        "equal the step before's; None: not checked.",
+    )
+    max_eos_rate_drop: float | None = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Largest fall of the share of greedy answers that end at EOS; None: not checked.",
+    )
+
+
+def _check(**values: Any) -> Any:
+    return Field(
+        default_factory=lambda: StepCheckConfig(**values), description="Check against the step before."
+    )
+
+
+class MergeConfig(Section):
+    """Fold a LoRA/DoRA adapter into its base and save a plain Hugging Face model."""
+
+    enabled: bool = Field(True, description="Merge when the model to compress is a LoRA/DoRA adapter.")
+    base: str | None = Field(
+        None,
+        description="Base to merge into; None: the base recorded in the adapter (base_model_name_or_path).",
+    )
+    check: StepCheckConfig = _check(
+        max_logit_diff=1e-3, max_perplexity_increase=0.001, min_greedy_agreement=0.9, max_eos_rate_drop=0.0
+    )
+
+
+class PruneConfig(Section):
+    """Pruning, applied gradually and made permanent so the saved model is plain."""
+
+    enabled: bool = Field(False, description="Prune the model.")
+    mode: Literal["unstructured", "channels", "heads"] = Field(
+        "unstructured",
+        description="'unstructured': the smallest weights of all Linear layers by magnitude (L1, one global "
+        "ratio); 'channels': whole MLP hidden channels by importance; 'heads': whole attention heads.",
+    )
+    sparsity: float = Field(
+        0.5, ge=0, le=1, description="Share of weights (or channels, or heads) removed at the end (0..1)."
+    )
+    steps: int = Field(1, ge=1, description="Pruning steps, reaching the sparsity on a cubic schedule.")
+    recovery_steps: int = Field(
+        0, ge=0, description="Fine-tuning steps on the training split after each pruning step (0: none)."
+    )
+    recovery_learning_rate: float = Field(1e-4, gt=0, description="Learning rate of recovery fine-tuning.")
+    check: StepCheckConfig = _check(max_perplexity_increase=0.25, min_greedy_agreement=0.3)
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: the model so far (the teacher) trains a smaller student."""
+
+    enabled: bool = Field(False, description="Distil into distill.student.")
+    student: str | None = Field(
+        None, description="The student: a model folder or hub id sharing the teacher's tokenizer."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the hard-label loss."
+    )
+    max_steps: int = Field(100, ge=1, description="Optimiser steps of distillation.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of the student.")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    check: StepCheckConfig = _check(
+        max_perplexity_increase=None, min_greedy_agreement=None, max_eos_rate_drop=0.5
+    )
+
+    @model_validator(mode="after")
+    def _student_given(self) -> DistillConfig:
+        if self.enabled and not self.student:
+            raise ValueError(
+                "compress.distill.enabled needs compress.distill.student (a model folder or hub id)"
+            )
+        return self
+
+
+class QatConfig(Section):
+    """Quantisation-aware training (torchao): fine-tune with fake quantisation of quantize.method."""
+
+    enabled: bool = Field(False, description="Fine-tune with fake quantisation before quantising.")
+    max_steps: int = Field(50, ge=1, description="Optimiser steps of QAT fine-tuning.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of QAT fine-tuning.")
+    check: StepCheckConfig = _check(max_perplexity_increase=0.25, min_greedy_agreement=0.3)
+
+
+QuantizeMethod = Literal["none", "int8_weight_only", "int8_dynamic", "bnb_int8", "bnb_nf4", "fp8"]
+CPU_QUANTIZE_METHODS = ("int8_weight_only", "int8_dynamic")
+
+
+class QuantizeConfig(Section):
+    """Post-training quantisation of the Linear weights (per-channel scales)."""
+
+    method: QuantizeMethod = Field(
+        "none",
+        description="'int8_weight_only' and 'int8_dynamic' (int8 weights and activations) run on a CPU "
+        "(torchao); 'bnb_int8', 'bnb_nf4' (4-bit NF4, double quantisation) and 'fp8' need a CUDA GPU.",
+    )
+    check: StepCheckConfig = _check(max_perplexity_increase=0.05, min_greedy_agreement=0.5)
+
+
+class ExportConfig(Section):
+    """Files for other runtimes."""
+
+    gguf: bool = Field(False, description="Write a GGUF file for llama.cpp (Llama and Qwen2 architectures).")
+    gguf_type: Literal["f32", "f16", "q8_0"] = Field("f16", description="Tensor type of the GGUF weights.")
+    check: StepCheckConfig = _check(max_perplexity_increase=0.02, min_greedy_agreement=0.8)
+
+
+class CompressConfig(Section):
+    """Compression: merge → prune → distil → QAT → quantise → export, each step checked against the last."""
+
+    enabled: bool = Field(False, description="Compress after evaluation (seektune run).")
+    source: str | None = Field(
+        None,
+        description="Model to compress (run directory, model folder or hub id); None: this run's model in "
+        "seektune run, model.name_or_path in seektune compress.",
+    )
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Pruning.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation.")
+    qat: QatConfig = Field(default_factory=QatConfig, description="Quantisation-aware training.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Quantisation.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
+    check_prompts: int = Field(
+        8, ge=1, description="Test-split prompts of the fixed set every step is checked on."
+    )
+    check_new_tokens: int = Field(16, ge=1, description="Greedy tokens generated per check prompt.")
+    evaluate: bool = Field(
+        True, description="Evaluate before and after every step (eval section's metrics) for the table."
+    )
+
+    @model_validator(mode="after")
+    def _qat_has_a_target(self) -> CompressConfig:
+        if self.qat.enabled and self.quantize.method not in CPU_QUANTIZE_METHODS:
+            raise ValueError(
+                "compress.qat.enabled fine-tunes for the int8 scheme it then applies: set "
+                "compress.quantize.method to int8_dynamic or int8_weight_only"
+            )
+        return self
 
 
 class ServeConfig(Section):

@@ -246,6 +246,9 @@ def train(
     callbacks: list[Any] | None = None,
     eval_cfg: EvalConfig | None = None,
     system_prompt: str | None = None,
+    save: bool = True,
+    trainer_class: type | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on the prepared training split; save the result to `<run>/model`.
 
@@ -256,6 +259,8 @@ def train(
     steps run under the profiler and nothing is saved (`TrainResult.profile`). `callbacks` are added to the
     Trainer's (a search's pruning reporter). With `train.task_metric`, answers to validation conversations
     (rendered with `system_prompt`) are generated with `eval_cfg`'s settings and scored at every evaluation.
+    With `save=False` the trained model stays in memory only (a compression step saves it itself);
+    `trainer_class` (a `SeektuneTrainer` subclass, e.g. distillation's) is built with `trainer_kwargs` too.
     """
     from transformers import PrinterCallback
 
@@ -285,7 +290,7 @@ def train(
         trace = "trace.json" if rank == 0 else f"trace-rank{rank}.json"
         profiler = ProfilerCallback(run.path / "profile" / trace, device)
         extra.append(profiler)
-    trainer = SeektuneTrainer(
+    trainer = (trainer_class or SeektuneTrainer)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -295,6 +300,7 @@ def train(
         train_sampler=sampler,
         checkpoint_identity=checkpoint_identity or {},
         meter=meter,
+        **(trainer_kwargs or {}),
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback shows the loss; no raw dicts on stdout
     if task is not None:
@@ -341,7 +347,8 @@ def train(
         result.eval_loss = round(final["eval_loss"], 4)
         if task is not None:
             result.task_metric = {task.sample.key: round(final[task.sample.key], 4)}
-    _save_final(trainer, tokenizer, run)
+    if save:
+        _save_final(trainer, tokenizer, run)
     log_event(logger, "training finished", **result.summary())
     return result
 

@@ -1,0 +1,1 @@
+"""Compression: merge adapters, prune, distil, quantise and export, each step checked against the last."""

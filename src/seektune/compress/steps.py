@@ -1,0 +1,52 @@
+"""What every compression step returns, and how a step loads the model it starts from.
+
+A step reads the folder of the step before and writes a new folder: the input is never modified.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seektune.config import ModelConfig
+
+
+@dataclass
+class StepOutput:
+    """A finished step: its model folder (loadable by `seektune.models.load.load_model`) and facts for the
+    report (what was merged, the sparsity reached, the quantisation scheme, files written...)."""
+
+    name: str
+    model_dir: Path
+    details: dict[str, Any] = field(default_factory=dict)
+    # Extra files the step wrote besides the model folder (a GGUF file), shown in the report.
+    files: list[Path] = field(default_factory=list)
+
+
+def load_step_model(model_cfg: ModelConfig, folder: Path | str) -> Any:
+    """Load a step's model folder (or the chain's source) with the run's device, dtype and kernels."""
+    from seektune.models.load import load_model
+
+    return load_model(model_cfg.model_copy(update={"name_or_path": str(folder)}))
+
+
+@contextmanager
+def written_whole(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to write into; it becomes `out_dir` only when the block ends
+    without an error, so a failed step leaves no half-written model behind."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}-partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
