@@ -521,11 +521,27 @@ def _save_final(trainer: Any, tokenizer: Any, run: RunDir) -> Path:
             save_prefix(trainer.model, partial)
     else:
         trainer.save_model(str(partial))
+        _save_base_fingerprint(trainer.model, partial, main)
     if main:
         tokenizer.save_pretrained(str(partial))
         os.replace(partial, final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _save_base_fingerprint(model: Any, folder: Path, main: bool) -> None:
+    """Record which base a LoRA/DoRA adapter was trained on, for the merge step to check
+    (`seektune.models.fingerprint`); sharded weights (FSDP, ZeRO-3) leave no process the values to read."""
+    import peft
+
+    if not main or not isinstance(model, peft.PeftModel):
+        return
+    if shards_parameters():
+        logger.warning("weights are sharded: no base fingerprint saved, the merge cannot verify the base")
+        return
+    from seektune.models.fingerprint import write_fingerprint
+
+    write_fingerprint(folder, model)
 
 
 def _history(log_history: list[dict[str, Any]], task_key: str | None = None) -> list[dict[str, Any]]:
