@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, PreTrainedTokenizerFast
 
 VOCAB = 64
@@ -89,3 +89,32 @@ def domain_split(sizes: dict[str, int], seed: int = 0) -> Dataset:
             rows["length"].append(size)
             rows["source"].append(domain)
     return Dataset.from_dict(rows)
+
+
+BPE_VOCAB = 300
+BPE_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+BPE_TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny tokenizer",
+    "seektune compresses models: merge, prune, distil, export",
+    "12 apples and 345 pears cost 6.78",
+]
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (as the R1 distills have) of 300 tokens, trained on a few sentences."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(BPE_TEXTS * 5, trainer)
+    assert tokenizer.get_vocab_size() == BPE_VOCAB
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = BPE_TEMPLATE
+    return fast
