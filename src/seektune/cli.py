@@ -99,10 +99,14 @@ def run(
     run_dir = run_pipeline(_load(config, set_), options).path
     _print_eval_summary(run_dir)
     html = run_dir / "eval" / "report.html"
+    compressed = run_dir / "compress" / "results.json"
+    if compressed.is_file():
+        _print_compress_table(json.loads(compressed.read_text(encoding="utf-8")))
     _done(
         run_dir,
         f"report: {run_dir / 'report.md'}",
         *([f"evaluation report: {html}"] if html.is_file() else []),
+        *([f"compression report: {run_dir / 'compress' / 'report.md'}"] if compressed.is_file() else []),
     )
 
 
@@ -302,9 +306,37 @@ def tune(
 
 @app.command()
 def compress(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Merge adapters, quantise, prune or distil a tuned model."""
-    _load(config, set_)
-    _not_yet("compression (seektune compress)")
+    """Merge adapters, prune, distil, quantise and export a model (compress.source, else model.name_or_path),
+    checking every step against the one before; prints the before/after table."""
+    from seektune.pipeline import run_compress_stage
+
+    run_dir = run_compress_stage(_load(config, set_)).path
+    results = json.loads((run_dir / "compress" / "results.json").read_text(encoding="utf-8"))
+    _print_compress_table(results)
+    _done(
+        run_dir,
+        f"compressed model: {results['final_model']}",
+        *[f"file: {f}" for f in results.get("files") or []],
+        f"report: {run_dir / 'compress' / 'report.md'}",
+    )
+
+
+def _print_compress_table(results: dict) -> None:
+    from seektune.distributed import is_main_process
+
+    if json_events_enabled() or not is_main_process():
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from seektune.compress.report import compress_table_rows
+
+    table = Table(title="compression: before and after")
+    for column in ("model", "size MB", "ms/token", "perplexity"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in compress_table_rows(results):
+        table.add_row(*row)
+    Console().print(table)
 
 
 @app.command()

@@ -956,6 +956,15 @@ class PruneConfig(Section):
     recovery_learning_rate: float = Field(1e-4, gt=0, description="Learning rate of recovery fine-tuning.")
     check: StepCheckConfig = _check(max_perplexity_increase=0.25, min_greedy_agreement=0.3)
 
+    @model_validator(mode="after")
+    def _keeps_a_unit(self) -> PruneConfig:
+        if self.mode != "unstructured" and self.sparsity >= 1:
+            raise ValueError(
+                f"sparsity {self.sparsity} with mode {self.mode} would remove every "
+                f"{'channel' if self.mode == 'channels' else 'head'}: set it below 1"
+            )
+        return self
+
 
 class DistillConfig(Section):
     """Knowledge distillation: the model so far (the teacher) trains a smaller student."""

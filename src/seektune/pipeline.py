@@ -40,11 +40,17 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_IN_REPORT = 5
 # The CLI verb that reruns each kind of run.
-_VERBS = {"run": "run", "data": "data prepare", "train": "train", "eval": "eval", "tune": "tune"}
+_VERBS = {
+    "run": "run",
+    "data": "data prepare",
+    "train": "train",
+    "eval": "eval",
+    "tune": "tune",
+    "compress": "compress",
+}
 
 # Sections whose stage arrives with a later release: enabling one stops before anything runs.
 _NOT_YET = {
-    "compress": "compression",
     "registry": "the model registry",
 }
 
@@ -67,6 +73,10 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
         from seektune.models.prefix import check_prefix_compatible
 
         check_prefix_compatible(cfg.data)
+    if cfg.compress.enabled:
+        from seektune.compress.chain import check_compress_config
+
+        check_compress_config(cfg)
     if cfg.tune.enabled:
         from seektune.tune.study import check_space, open_storage
 
@@ -120,6 +130,11 @@ def _check_launch(cfg: SeektuneConfig, command: str) -> None:
             f"method.name {cfg.method.name} saves its weights from one process, which under FSDP or "
             "DeepSpeed ZeRO-3 holds only a shard of them: use method.name lora, or plain data parallelism "
             "(configs/accelerate/ddp.yaml) or ZeRO-2"
+        )
+    if command == "compress" or (command == "run" and cfg.compress.enabled):
+        raise UserError(
+            "compression runs in one process: train under the launcher (seektune train), then run "
+            "seektune compress without a launcher, with compress.source set to that run directory"
         )
     evaluates = command == "eval" or (command == "run" and cfg.eval.enabled)
     if evaluates and shards_parameters():
@@ -543,6 +558,49 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
                 state, "tuned", model, tokenizer, data, _model_dirs(str(state.run.path / "model"))
             )
             _finish_evaluation(state)
+        if cfg.compress.enabled:
+            model = loaded = None  # the chain loads each model it needs; this one would only hold memory
+            source = Path(cfg.compress.source) if cfg.compress.source else state.run.path / "model"
+            _compress(state, data, source)
+        _finish(state)
+    return state.run
+
+
+def _compress(state: RunContext, data: Any, source: Path) -> None:
+    """The compression chain on `source`; its table and steps go to metrics.json and the report."""
+    from seektune.compress.chain import run_compression
+
+    started = time.perf_counter()
+    result = run_compression(state.cfg, state.run, data, source)
+    state.summary["compress"] = result.to_dict()
+    state.run.update_metrics(
+        "compress",
+        {
+            "final_model": str(result.final_model),
+            "steps": [step["step"] for step in result.steps],
+            "table": result.rows,
+        },
+    )
+    state.run.update_metrics("timing", {"compress_s": round(time.perf_counter() - started, 2)})
+
+
+def run_compress_stage(cfg: SeektuneConfig) -> RunDir:
+    """Compress `compress.source` (or model.name_or_path): data for the checks (and for the steps that
+    train), then the chain; the compressed model and compress/report.md end in the run directory."""
+    from seektune.compress.chain import needs_training_data, plan_steps
+    from seektune.models.load import resolve_model_path
+
+    compress = cfg.compress.model_copy(update={"enabled": True})
+    cfg = cfg.model_copy(update={"compress": compress})
+    if compress.source:  # the data is tokenised with the tokenizer of the model being compressed
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": compress.source})})
+    check_stages_available(cfg)
+    source = Path(resolve_model_path(cfg.model))
+    plan_steps(cfg, source)  # what cannot run stops here, before a run directory exists
+    with open_run(cfg, "compress") as state:
+        data = _prepare(state, need_train=needs_training_data(cfg))
+        _require_test_split(data)
+        _compress(state, data, source)
         _finish(state)
     return state.run
 

@@ -640,6 +640,10 @@ def render_report(run: RunDir, summary: dict[str, Any], loss_plot: str | None, e
         lines += _training_section(summary["train"], loss_plot)
     if summary.get("eval"):
         lines += _evaluation_section(summary["eval"], eval_plot)
+    if summary.get("compress"):
+        from seektune.compress.report import compress_markdown_section
+
+        lines += compress_markdown_section(summary["compress"])
     lines += _environment_section(run, info.get("command_verb", "run"))
     return "\n".join(lines).rstrip() + "\n"
 
