@@ -142,6 +142,7 @@ def test_prune_distill_export_and_quantise_a_llama_in_one_chain(tmp_path, base_c
     assert export["check"]["figures"]["max_logit_diff"] < 1e-3
     assert (run / "compress" / "03-export" / "model-f32.gguf").is_file()
     # quantize went on from the float student, not from the GGUF folder
+    assert quantize["details"]["quantized_linears"] == 7  # one block's q, k, v, o, gate, up, down
     assert Path(results["final_model"]) == run / "compress" / "04-quantize"
     assert (
         json.loads((run / "compress" / "04-quantize" / "config.json").read_text())["num_hidden_layers"] == 1

@@ -174,7 +174,11 @@ def test_measure_model_sums_the_weight_files(tmp_path: Path):
     assert row["size_on_disk_mb"] == round((weights + 123_456) / 2**20, 4)  # the folder counted once
     assert row["label"] == "source" and row["device"] == "cpu"
     assert (row["parameters"], row["nonzero_parameters"]) == count_parameters(model)
-    assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0 and row["peak_memory_mb"] >= row["weights_memory_mb"] > 0
+    assert (
+        row["ms_per_token"] > 0
+        and row["ttft_ms"] > 0
+        and row["peak_memory_mb"] >= row["weights_memory_mb"] > 0
+    )
     assert "perplexity" not in row  # no data: no evaluation
 
     untimed = measure_model("x", model, tokenizer, [gguf], None, EvalConfig(), None, [], 3)
