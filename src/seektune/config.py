@@ -77,8 +77,9 @@ class ModelConfig(Section):
     )
     int8_kernel: Literal["auto", "torchao", "fbgemm"] = Field(
         "auto",
-        description="Kernel of an int8_dynamic model on a CPU: 'auto' is fbgemm (PyTorch's int8 matmul, "
-        "about 3x faster per Linear at batch 1 here than torchao's CPU path); weights are the same.",
+        description="Kernel of an int8_dynamic model on a CPU: 'auto' is fbgemm (PyTorch's int8 matmul; "
+        "decode about 2x faster than torchao's CPU path on a 114M DeepSeek-V3 here); the weights are the "
+        "same. An adapter on an int8 base always runs on torchao's.",
     )
 
     @field_validator("cache_dir")

@@ -13,9 +13,9 @@ The output embedding (lm_head) and the input embeddings stay float (TorchAoConfi
 DeepSeek-V2/V3's routed experts: transformers 5 fuses them into 3-D parameters, which are no nn.Linear;
 `details` counts the parameters quantised and those left float so the report says so.
 
-Measured on the project's CPU (2 cores, no VNNI; a ~90M DeepSeek-V3, batch 1): torchao's int8 kernels
-decode slower than fp32 there (weight-only 28, dynamic 37 tokens/s against 54): on such CPUs int8 saves
-memory and disk, not time.
+The saved weights are torchao's; on a CPU, `load_model` runs int8_dynamic ones through PyTorch's fbgemm
+int8 matmul (`seektune.models.int8_cpu`, `model.int8_kernel`), because torchao's CPU kernels decode
+slower than fp32 on the project's CPU (benchmarks/quantize.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations

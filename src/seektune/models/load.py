@@ -26,6 +26,7 @@ from seektune.config import BUILTIN_BASE, ModelConfig
 from seektune.errors import UserError
 from seektune.models.adapters import is_adapter_folder, load_adapters
 from seektune.models.families import FamilyPreset, detect_family, ensure_chat_template
+from seektune.models.int8_cpu import apply_int8_kernel
 from seektune.models.methods import count_parameters, load_adapter
 from seektune.models.prefix import is_prefix_folder, load_prefix
 
@@ -206,7 +207,9 @@ def load_model(cfg: ModelConfig, four_bit: bool = False) -> LoadedModel:
     path = resolve_model_path(cfg)
     base = adapter_base(path)
     if base is not None:
-        loaded = load_model(cfg.model_copy(update={"name_or_path": base}), four_bit)
+        # PEFT wraps nn.Linear and torchao's int8 Linear, not fbgemm's swapped module: torchao's kernels then
+        base_cfg = cfg.model_copy(update={"name_or_path": base, "int8_kernel": "torchao"})
+        loaded = load_model(base_cfg, four_bit)
         if is_adapter_folder(Path(path)):
             loaded.model = load_adapters(loaded.model, Path(path))
         elif is_prefix_folder(Path(path)):
@@ -240,12 +243,14 @@ def load_model(cfg: ModelConfig, four_bit: bool = False) -> LoadedModel:
         )
     tokenizer = load_tokenizer(cfg, path)
     n_params = count_parameters(model).total
+    int8_kernel = apply_int8_kernel(model, cfg.int8_kernel, device)  # after counting: fbgemm hides weights
     logger.info(
-        "loaded %s: family %s, %s parameters, %s on %s",
+        "loaded %s: family %s, %s parameters, %s on %s%s",
         cfg.name_or_path,
         family.name,
         f"{n_params:,}",
         str(dtype).removeprefix("torch."),
         device,
+        f", int8 kernel {int8_kernel}" if int8_kernel else "",
     )
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, device=device, dtype=dtype, path=path)
