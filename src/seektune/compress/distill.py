@@ -5,7 +5,7 @@ family) trains for `max_steps` steps on the run's training split with the run's 
 (`short_finetune`) and `seektune.train.distill.DistillationTrainer`'s loss: alpha * T^2 * KL to the
 teacher's softened distribution + (1 - alpha) * the hard-label cross-entropy. The student is then saved as
 a plain Hugging Face model with the teacher's tokenizer (its chat template included) and generation
-config, whole or not at all (`written_whole`); neither the teacher's folder nor the student's is written.
+config, whole or not at all (`save_step_model`); neither the teacher's folder nor the student's is written.
 
 What is ours besides the wiring: the check that teacher and student share a tokenizer, before any
 training. transformers compares nothing (a student of another vocabulary trains on ids that mean other
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from seektune.compress.finetune import short_finetune
-from seektune.compress.steps import StepOutput, load_step_model, written_whole
+from seektune.compress.steps import StepOutput, load_step_model, save_step_model
 from seektune.config import DistillConfig, ModelConfig, TrainConfig
 from seektune.data.prepare import PreparedData
 from seektune.errors import UserError
@@ -132,7 +132,7 @@ def distill_model(
     finally:
         _free(teacher_loaded)
     student.eval()
-    _save(student, tokenizer, generation_config or getattr(student, "generation_config", None), out_dir)
+    save_step_model(student, tokenizer, out_dir, generation_config)
     details = {
         "teacher": str(teacher),
         "student": cfg.student,
@@ -181,11 +181,3 @@ def _free(loaded: Any) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _save(model: Any, tokenizer: Any, generation_config: Any, out_dir: Path) -> None:
-    with written_whole(Path(out_dir)) as partial:
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        if generation_config is not None:
-            generation_config.save_pretrained(str(partial))

@@ -8,7 +8,7 @@ hub layout that vLLM and transformers load). What is ours:
   next to the adapter (`seektune.models.fingerprint`), PEFT itself only records a name; a base of another
   size, which PEFT reports as a state-dict size mismatch, becomes one `UserError` too;
 - saving the tokenizer the adapter was trained with (its chat template included) beside the weights, and
-  the whole folder atomically (`written_whole`); the adapter folder is only read.
+  the whole folder atomically (`save_step_model`); the adapter folder is only read.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from seektune.compress.steps import StepOutput, load_step_model, written_whole
+from seektune.compress.steps import StepOutput, load_step_model, save_step_model
 from seektune.config import MergeConfig, ModelConfig
 from seektune.errors import UserError
 from seektune.models.adapters import is_adapter_folder
@@ -74,11 +74,7 @@ def merge_adapter(source: Path, out_dir: Path, cfg: MergeConfig, model_cfg: Mode
     merged_modules = _count_tuner_layers(peft_model)
     merged = peft_model.merge_and_unload()
     tokenizer = _adapter_tokenizer(folder, model_cfg) or loaded.tokenizer
-    with written_whole(Path(out_dir)) as partial:
-        merged.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        if getattr(merged, "generation_config", None) is not None:
-            merged.generation_config.save_pretrained(str(partial))
+    save_step_model(merged, tokenizer, Path(out_dir))
     logger.info(
         "merged %d %s modules of %s into %s: %s", merged_modules, adapter["type"], folder, base_name, out_dir
     )

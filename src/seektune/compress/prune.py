@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from seektune.compress.finetune import short_finetune
-from seektune.compress.steps import StepOutput, load_step_model, written_whole
+from seektune.compress.steps import StepOutput, load_step_model, save_step_model
 from seektune.config import ModelConfig, PruneConfig, TrainConfig
 from seektune.data.prepare import PreparedData
 from seektune.errors import UserError
@@ -109,11 +109,7 @@ def prune_model(
         **pruner.finish(),
     }
     _check_plain_state(model)
-    with written_whole(Path(out_dir)) as partial:
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(partial))
+    save_step_model(model, tokenizer, Path(out_dir))
     logger.info("pruned %s (%s, sparsity %s): %s", source, cfg.mode, cfg.sparsity, out_dir)
     return StepOutput(name="prune", model_dir=Path(out_dir), details=details)
 

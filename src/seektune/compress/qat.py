@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from seektune.compress.finetune import short_finetune
-from seektune.compress.steps import StepOutput, load_step_model, written_whole
+from seektune.compress.steps import StepOutput, load_step_model, save_step_model
 from seektune.config import CPU_QUANTIZE_METHODS, ModelConfig, QatConfig, TrainConfig
 from seektune.data.prepare import PreparedData
 from seektune.errors import UserError
@@ -176,7 +176,7 @@ def qat_finetune(
     )
     remove_fake_quantization(model)
     model.eval()
-    _save(model, loaded.tokenizer, Path(out_dir))
+    save_step_model(model, loaded.tokenizer, Path(out_dir))
     losses = [row["loss"] for row in result.history if "loss" in row]
     details = {
         "method": method,
@@ -210,11 +210,3 @@ def _check_plain(model: Any, source: Path) -> None:
             f"{source} loads as a PEFT adapter, and quantisation-aware training trains the weights that get "
             "quantised: merge it first (compress.merge.enabled: true)"
         )
-
-
-def _save(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    with written_whole(out_dir) as partial:
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(partial))

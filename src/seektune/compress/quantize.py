@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from seektune.compress.steps import StepOutput, written_whole
+from seektune.compress.steps import StepOutput, save_step_model
 from seektune.config import CPU_QUANTIZE_METHODS, ModelConfig, QuantizeConfig
 from seektune.errors import UserError
 
@@ -139,9 +139,7 @@ def quantize_model(source: Path, out_dir: Path, cfg: QuantizeConfig, model_cfg: 
     )
     tokenizer = load_tokenizer(model_cfg, str(source))
     split = _parameter_split(model)
-    with written_whole(out_dir) as partial:
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
+    save_step_model(model, tokenizer, out_dir)
     linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and _is_quantized(m.weight))
     logger.info("quantised %d Linear layers of %s (%s)", linears, source, method)
     return StepOutput(

@@ -50,3 +50,14 @@ def written_whole(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
+
+
+def save_step_model(model: Any, tokenizer: Any, out_dir: Path, generation_config: Any = None) -> None:
+    """A step's model folder, whole or not at all: weights (safetensors), config, tokenizer (chat template
+    included) and the generation config (`save_pretrained` writes the model's own; `generation_config`
+    replaces it, e.g. the teacher's for a distilled student)."""
+    with written_whole(Path(out_dir)) as partial:
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        if generation_config is not None:
+            generation_config.save_pretrained(str(partial))
