@@ -210,3 +210,20 @@ def test_a_fall_of_the_eos_rate_is_caught(setup):
     assert "compress.quantize.check.max_eos_rate_drop" in result.failures[0]
     back, _ = check_step("quantize", no_eos, always, tokenizer, probes, check, NEW_TOKENS)
     assert back.figures["eos_rate_drop"] == -1 and back.passed  # more answers ending is no failure
+
+
+def test_a_16_bit_model_is_held_to_its_dtype_precision_not_float32s(setup):
+    model, tokenizer, _, probes, _ = setup
+    check = StepCheckConfig(max_logit_diff=1e-3, max_perplexity_increase=1e-3, min_greedy_agreement=None)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = copy.deepcopy(model).to(dtype)
+        before = probe_model(base, tokenizer, probes, NEW_TOKENS)
+        rounded = _perturbed(model, 1e-4).to(dtype).eval()  # below bf16's rounding of these weights
+        results[dtype], _ = check_step("merge", before, rounded, tokenizer, probes, check, NEW_TOKENS)
+    fp32, bf16 = results[torch.float32].figures, results[torch.bfloat16].figures
+    assert not results[torch.float32].passed and fp32["max_logit_diff_limit"] == 1e-3
+    assert fp32["max_logit_diff"] > 1e-3 and bf16["max_logit_diff"] > 1e-3
+    assert bf16["max_logit_diff_limit"] == pytest.approx(1.6e-2 * bf16["max_abs_logit"])
+    assert bf16["max_perplexity_increase_limit"] == 1.6e-2
+    assert results[torch.bfloat16].passed, results[torch.bfloat16].failures

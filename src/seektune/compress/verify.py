@@ -1,12 +1,17 @@
 """The check after every compression step: the new model against the one before, on a fixed prompt set.
 
 Four figures, each with a limit in the step's `check` section (None: shown, never failing):
-- the largest absolute difference of any next-token logit over every prompt position;
+- the largest absolute difference of any next-token logit over the last `LOGIT_POSITIONS` positions of
+  every prompt (kept per prompt: positions × vocabulary floats, 150k wide for the R1 distills);
 - the relative change of perplexity on the first test rows;
 - greedy agreement, teacher-forced: the new model reads the prompt plus the old model's greedy answer, and
   we count the answer positions where its argmax is the old model's token (one early difference then
   counts once, not for every token after it); the share of identical free-running answers is shown too;
 - the fall of the share of greedy answers that end at EOS.
+Limits are for float32. A 16-bit model rounds every logit by about its dtype's relative precision, so
+for bf16/fp16 the logit and perplexity limits are at least torch.testing's relative tolerance of that
+dtype (bf16 1.6e-2, fp16 1e-3; the logit one times the largest |logit|): a bf16 merge is not a failure
+for rounding that bf16 base + adapter shows as much. The figures say which limits applied.
 No library compares two checkpoints like this (lm-eval scores one model at a time), hence our own code;
 prompts are rendered with the data stage's `prompt_text` and perplexity is the evaluation's.
 """
@@ -25,6 +30,9 @@ from seektune.evaluate.generate import GREEDY, eval_mode, stop_ids
 from seektune.evaluate.metrics import perplexity
 
 PERPLEXITY_ROWS = 64
+LOGIT_POSITIONS = 32
+# torch.testing.assert_close's default relative tolerances of the 16-bit dtypes
+_RTOL = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}
 
 
 @dataclass
@@ -39,7 +47,7 @@ class ProbeSet:
 class Probe:
     """What one model did on the set."""
 
-    logits: list[torch.Tensor]  # per prompt: (prompt length, vocab) next-token logits, float32 on CPU
+    logits: list[torch.Tensor]  # per prompt: (last positions, vocab) next-token logits, float32 on CPU
     answers: list[list[int]]  # greedy continuation per prompt, EOS excluded
     ended_with_eos: list[bool]
     perplexity: float
@@ -87,6 +95,12 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _dtype(model: Any) -> torch.dtype:
+    """The compute dtype: the float parameters' (int8 weights compute in their scales' float dtype)."""
+    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+    return next(floats, torch.float32)
+
+
 @torch.no_grad()
 def _logits(model: Any, ids: list[int]) -> torch.Tensor:
     tensor = torch.tensor([ids], device=_device(model))
@@ -113,7 +127,7 @@ def probe_model(model: Any, tokenizer: Any, probes: ProbeSet, new_tokens: int, b
     """Logits, greedy answers, EOS endings and perplexity of `model` on the set (one prompt at a time, so
     no padding enters the comparison)."""
     with eval_mode(model):
-        logits = [_logits(model, ids) for ids in probes.prompt_ids]
+        logits = [_logits(model, ids)[-LOGIT_POSITIONS:] for ids in probes.prompt_ids]
         greedy = [_greedy(model, tokenizer, ids, new_tokens) for ids in probes.prompt_ids]
         ppl = (
             perplexity(model, probes.rows, batch_size, tokenizer.pad_token_id)
@@ -140,7 +154,7 @@ def _teacher_forced_agreement(model: Any, probes: ProbeSet, before: Probe) -> fl
     return agree / total if total else None
 
 
-def _figures(before: Probe, after: Probe, agreement: float | None) -> dict[str, Any]:
+def _figures(before: Probe, after: Probe, agreement: float | None, rtol: float) -> dict[str, Any]:
     diffs = []
     for a, b in zip(before.logits, after.logits, strict=True):
         width = min(a.shape[-1], b.shape[-1])
@@ -148,8 +162,11 @@ def _figures(before: Probe, after: Probe, agreement: float | None) -> dict[str, 
     eos_before = sum(before.ended_with_eos) / len(before.ended_with_eos)
     eos_after = sum(after.ended_with_eos) / len(after.ended_with_eos)
     same = sum(a == b for a, b in zip(before.answers, after.answers, strict=True)) / len(before.answers)
+    largest = max(a.abs().max().item() for a in before.logits)
     return {
         "max_logit_diff": max(diffs),
+        "max_abs_logit": largest,
+        "dtype_rtol": rtol,
         "perplexity_before": before.perplexity,
         "perplexity_after": after.perplexity,
         "perplexity_change": after.perplexity / before.perplexity - 1,
@@ -163,18 +180,24 @@ def _figures(before: Probe, after: Probe, agreement: float | None) -> dict[str, 
 
 def _failures(step: str, figures: dict[str, Any], check: StepCheckConfig) -> list[str]:
     key = f"compress.{step}.check"
+    rtol = figures["dtype_rtol"]
     failures = []
-    if check.max_logit_diff is not None and figures["max_logit_diff"] > check.max_logit_diff:
-        failures.append(
-            f"logits differ by up to {figures['max_logit_diff']:.3g} (limit {check.max_logit_diff:g}: "
-            f"{key}.max_logit_diff)"
-        )
+    if check.max_logit_diff is not None:
+        limit = max(check.max_logit_diff, rtol * figures["max_abs_logit"])
+        figures["max_logit_diff_limit"] = limit
+        if figures["max_logit_diff"] > limit:
+            failures.append(
+                f"logits differ by up to {figures['max_logit_diff']:.3g} (limit {limit:.3g}: "
+                f"{key}.max_logit_diff)"
+            )
     change = figures["perplexity_change"]
-    if check.max_perplexity_increase is not None and change > check.max_perplexity_increase:
-        failures.append(
-            f"perplexity rose {change:.1%} (limit {check.max_perplexity_increase:.1%}: "
-            f"{key}.max_perplexity_increase)"
-        )
+    if check.max_perplexity_increase is not None:
+        limit = max(check.max_perplexity_increase, rtol)
+        figures["max_perplexity_increase_limit"] = limit
+        if change > limit:
+            failures.append(
+                f"perplexity rose {change:.1%} (limit {limit:.1%}: {key}.max_perplexity_increase)"
+            )
     agreement = figures["greedy_agreement"]
     if (
         check.min_greedy_agreement is not None
@@ -204,6 +227,7 @@ def check_step(
 ) -> tuple[CheckResult, Probe]:
     """Probe `model`, compare it with `before` under `check`'s limits; the result and the new probe."""
     after = probe_model(model, tokenizer, probes, new_tokens)
-    figures = _figures(before, after, _teacher_forced_agreement(model, probes, before))
+    rtol = _RTOL.get(_dtype(model), 0.0)
+    figures = _figures(before, after, _teacher_forced_agreement(model, probes, before), rtol)
     failures = _failures(step, figures, check)
     return CheckResult(step=step, passed=not failures, figures=figures, failures=failures), after
