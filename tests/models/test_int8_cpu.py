@@ -163,3 +163,16 @@ def test_a_swapped_model_refuses_to_be_saved(folders, tmp_path):
     with pytest.raises(RuntimeError, match=r"cannot be saved.*int8_kernel torchao"):
         loaded.model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_the_compression_table_counts_the_swapped_weights(folders, family):
+    from seektune.compress.table import count_parameters, weights_memory_bytes
+
+    torchao = _torchao(folders[f"{family}-dyn"])
+    fbgemm = _torchao(folders[f"{family}-dyn"])
+    assert use_fbgemm_int8(fbgemm) > 0
+    assert count_parameters(fbgemm) == count_parameters(torchao)  # packed weights are still weights
+    # int8 data either way; torchao keeps float32 scales, PyTorch float64 ones with an int64 zero point,
+    # which weigh on these 32-wide rows (a fp32 model would be about 3x the torchao one)
+    assert 1 < weights_memory_bytes(fbgemm) / weights_memory_bytes(torchao) < 1.3

@@ -72,6 +72,21 @@ def _counted(param: torch.Tensor) -> tuple[int, torch.Tensor]:
     return param.numel(), _plain(param)
 
 
+def _packed_weights(model: Any) -> list[torch.Tensor]:
+    """The int8 weights of PyTorch's dynamic quantised Linears (fbgemm, `seektune.models.int8_cpu`): packed
+    inside the module, not among its parameters."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    weights = []
+    for module in model.modules():
+        if isinstance(module, DynamicLinear):
+            weight, bias = module._packed_params._weight_bias()
+            weights.append(weight)
+            if bias is not None:
+                weights.append(bias)
+    return weights
+
+
 @torch.no_grad()
 def count_parameters(model: Any) -> tuple[int, int]:
     """(parameters, non-zero parameters), fused expert tensors and quantised weights included."""
@@ -80,11 +95,17 @@ def count_parameters(model: Any) -> tuple[int, int]:
         size, values = _counted(param)
         total += size
         nonzero += int(torch.count_nonzero(values))
+    for weight in _packed_weights(model):
+        total += weight.numel()
+        nonzero += int(torch.count_nonzero(weight.int_repr() if weight.is_quantized else weight))
     return total, nonzero
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds, through tensor subclasses (torchao's int8 weights: data, scales, zero points)."""
+    if tensor.is_quantized:  # PyTorch's qint8: a byte a weight, a float64 scale + int64 zero point a row
+        scales = tensor.q_per_channel_scales().numel() if tensor.qscheme() != torch.per_tensor_affine else 1
+        return tensor.numel() + scales * 16
     if type(tensor) in (torch.nn.Parameter, torch.Tensor) or not hasattr(tensor, "__tensor_flatten__"):
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()
@@ -95,7 +116,7 @@ def weights_memory_bytes(model: Any) -> int:
     """The model's parameters and buffers in memory (tied weights once)."""
     seen: set[int] = set()
     total = 0
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers(), _packed_weights(model)):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += tensor_bytes(tensor)
@@ -128,19 +149,20 @@ def measure_model(
     label: str,
     model: Any,
     tokenizer: Any,
-    files: list[Path],
+    files: list[Path] | None,
     data: PreparedData | None,
     eval_cfg: EvalConfig,
     system_prompt: str | None,
     prompts: list[str],
     new_tokens: int,
 ) -> dict[str, Any]:
-    """One row of the table for `model` (whose weights are in `files`: folders or single files)."""
+    """One row of the table for `model` (whose weights are in `files`: folders or single files; None: not
+    measurable, e.g. a base in the hub cache)."""
     parameters, nonzero = count_parameters(model)
     row: dict[str, Any] = {
         "label": label,
         "device": next(model.parameters()).device.type,
-        "size_on_disk_mb": round(_files_bytes(files) / _MB, 4),
+        "size_on_disk_mb": None if files is None else round(_files_bytes(files) / _MB, 4),
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         **_timing(model, tokenizer, prompts, new_tokens),
@@ -211,7 +233,7 @@ def before_after_markdown(rows: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "Changes in brackets are against the source. Latency is batch 1 on "
-        f"{source.get('device', 'the device')}; an exported GGUF file runs in llama.cpp, so its row has no "
-        "timing here.",
+        f"{source.get('device', 'the device')}; an exported GGUF file's row is timed as transformers runs it "
+        "(dequantised to float), not as llama.cpp would.",
     ]
     return "\n".join(lines)
