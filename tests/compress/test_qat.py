@@ -213,3 +213,36 @@ def test_the_qat_model_quantises_to_what_training_saw(sources, tmp_path, family,
         reference, fake, real = (m(input_ids=IDS).logits for m in (trained, faked, int8))
     assert 0 < (reference - real).abs().max() < 0.02 * reference.abs().max()
     assert (fake - real).abs().mean() < (reference - real).abs().mean()
+
+
+def test_qat_after_pruning_keeps_the_zero_weights_zero(sources, tmp_path):
+    pruned = tmp_path / "pruned"
+    model = AutoModelForCausalLM.from_pretrained(sources["llama"])
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight[:, ::2] = 0  # half of every block Linear's weights, as pruning leaves them
+    model.save_pretrained(pruned)
+    word_tokenizer().save_pretrained(pruned)
+    data = PreparedData(
+        records={}, tokenized={"train": domain_split({"a": 24, "easy": 24}), "validation": []}
+    )
+    output = qat_finetune(
+        pruned,
+        tmp_path / "qat",
+        QatConfig(enabled=True, max_steps=3, learning_rate=1e-2),
+        "int8_weight_only",
+        _model_cfg(pruned),
+        TrainConfig(batch_size=8, logging_steps=1, warmup_ratio=0.0),
+        data,
+        0,
+        tmp_path / "work",
+        keep_zeros=True,
+    )
+    assert output.details["zeros_kept_in"] == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    trained = AutoModelForCausalLM.from_pretrained(output.model_dir)
+    assert not any(k.endswith(("_orig", "_mask")) for k in trained.state_dict())
+    for name, module in trained.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert not module.weight[:, ::2].any(), name  # still zero
+            assert not torch.equal(module.weight, model.get_submodule(f"model.layers.{name}").weight)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import prune as torch_prune
 
 from seektune.compress.finetune import short_finetune
 from seektune.compress.steps import StepOutput, load_step_model, save_step_model
@@ -155,10 +156,13 @@ def qat_finetune(
     data: PreparedData,
     seed: int,
     work_dir: Path,
+    keep_zeros: bool = False,
 ) -> StepOutput:
     """Fine-tune the plain model in `source` for `cfg.max_steps` steps with the fake quantisation of
     `method` (int8_dynamic or int8_weight_only), then write it as a plain float model (weights,
-    tokenizer, generation config) to `out_dir`, whole or not at all; `source` is only read."""
+    tokenizer, generation config) to `out_dir`, whole or not at all; `source` is only read. With
+    `keep_zeros` (after unstructured pruning) the zero weights of every fake-quantised Linear stay zero
+    (torch's pruning masks, removed again before saving), so training does not undo the sparsity."""
     _check_method(method)
     loaded = load_step_model(model_cfg, source)
     model = loaded.model
@@ -170,10 +174,13 @@ def qat_finetune(
             "nothing to train: set compress.qat.enabled: false"
         )
     logger.info("fake-quantised %d Linear layers of %s for %s", swapped, source, method)
+    masked = _mask_zeros(model) if keep_zeros else []
     model.train()
     result = short_finetune(
         model, loaded.tokenizer, data, train_cfg, work_dir, seed, cfg.max_steps, cfg.learning_rate
     )
+    for module in masked:
+        torch_prune.remove(module, "weight")
     remove_fake_quantization(model)
     model.eval()
     save_step_model(model, loaded.tokenizer, Path(out_dir))
@@ -182,6 +189,7 @@ def qat_finetune(
         "method": method,
         "scheme": SCHEMES[method],
         "fake_quantized_linears": swapped,
+        "zeros_kept_in": len(masked),
         "steps": result.steps,
         "learning_rate": cfg.learning_rate,
         "train_loss": result.train_loss,
@@ -192,6 +200,18 @@ def qat_finetune(
         "QAT of %s: %d steps, final loss %s: %s", source, result.steps, details["final_loss"], out_dir
     )
     return StepOutput(name="qat", model_dir=Path(out_dir), details=details)
+
+
+def _mask_zeros(model: Any) -> list[torch.nn.Module]:
+    """Hold the zero weights of the fake-quantised Linears at zero while they train."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    masked = []
+    for module in model.modules():
+        if isinstance(module, FakeQuantizedLinear) and not bool(module.weight.all()):
+            torch_prune.custom_from_mask(module, "weight", module.weight.detach() != 0)
+            masked.append(module)
+    return masked
 
 
 def _check_method(method: str) -> None:
