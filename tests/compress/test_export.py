@@ -327,3 +327,33 @@ def test_an_adapter_folder_is_no_vllm_model(tmp_path: Path) -> None:
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "a.safetensors"))
     problems = vllm_layout_problems(tmp_path)
     assert "PEFT adapter" in problems[0] and any("base_model.model." in p for p in problems)
+
+
+def test_a_head_pruned_llama_says_its_head_size(llama_dir: Path, tmp_path: Path) -> None:
+    from seektune.compress.prune import prune_model
+    from seektune.config import PruneConfig, TrainConfig
+    from seektune.data.prepare import PreparedData
+
+    pruned = prune_model(
+        llama_dir,
+        tmp_path / "pruned",
+        tmp_path / "work",
+        PruneConfig(enabled=True, mode="heads", sparsity=0.5),
+        CPU,
+        TrainConfig(),
+        PreparedData(records={}, tokenized={}),
+        0,
+    ).model_dir
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["head_dim"] * config["num_attention_heads"] != config["hidden_size"]
+    assert gguf_unsupported(pruned) is None
+    out = _export(pruned, tmp_path / "gguf").model_dir
+    fields = GGUFReader(str(out / "model-f32.gguf")).fields
+    assert int(fields["llama.attention.key_length"].parts[-1][0]) == config["head_dim"]
+    torch.testing.assert_close(_logits(load_gguf(out, CPU).model), _source_logits(pruned), atol=1e-4, rtol=0)
+
+
+def test_head_pruning_before_a_qwen2_export_is_refused(tmp_path: Path) -> None:
+    folder = _save(_qwen2(), tmp_path / "qwen2")
+    assert gguf_unsupported(folder) is None
+    assert "prune channels instead" in gguf_unsupported(folder, heads_pruned=True)

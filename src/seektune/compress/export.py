@@ -59,9 +59,10 @@ def gguf_file_name(gguf_type: str) -> str:
 # -- what can be exported -----------------------------------------------------------------------------
 
 
-def gguf_unsupported(folder: Path) -> str | None:
+def gguf_unsupported(folder: Path, heads_pruned: bool = False) -> str | None:
     """Why the model in `folder` (a model folder, a seektune run directory, or a LoRA adapter folder, whose
-    base is checked) cannot become a GGUF file, as the line to show the user; None when it can."""
+    base is checked) cannot become a GGUF file, as the line to show the user; None when it can.
+    `heads_pruned`: the chain prunes attention heads first (head_dim then is no hidden_size / heads)."""
     from seektune.compress.merge import model_folder
 
     folder = model_folder(Path(folder))
@@ -78,6 +79,15 @@ def gguf_unsupported(folder: Path) -> str | None:
             f"{config_dir} is {model_type}: turn compress.export.gguf off"
         )
     problem = _architecture_problem(config)
+    if not problem and heads_pruned and model_type == "qwen2":
+        problem = (
+            "after head pruning its head size is no longer hidden_size / heads, which transformers' GGUF "
+            "reader (the export's check) cannot read for qwen2; prune channels instead"
+        )
+    elif not problem and model_type == "qwen2" and _explicit_head_dim(config):
+        problem = (
+            "its head_dim is not hidden_size / heads, which transformers' GGUF reader cannot read for qwen2"
+        )
     if problem:
         return f"compress.export.gguf cannot convert {config_dir}: {problem}; turn compress.export.gguf off"
     tokenizer_dir = folder if _has_vocabulary(folder) else config_dir
@@ -122,6 +132,12 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params.setdefault("rope_type", "default")
     return params
+
+
+def _explicit_head_dim(config: dict[str, Any]) -> bool:
+    """head_dim set and not hidden_size / heads (after head pruning): GGUF must then say it."""
+    head_dim = config.get("head_dim")
+    return bool(head_dim) and head_dim != config["hidden_size"] // config["num_attention_heads"]
 
 
 def _architecture_problem(config: dict[str, Any]) -> str | None:
@@ -478,6 +494,9 @@ def _add_metadata(writer: Any, config: dict[str, Any], gguf_type: str, name: str
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+    if _explicit_head_dim(config):  # llama.cpp would take hidden_size / heads otherwise
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
     writer.add_rope_freq_base(float(_rope_parameters(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type])))
