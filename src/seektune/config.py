@@ -1027,7 +1027,7 @@ class ExportConfig(Section):
 
 
 class CompressConfig(Section):
-    """Compression: merge → prune → distil → QAT → quantise → export, each step checked against the last."""
+    """Compression: merge → distil → prune → QAT → export → quantise, each step checked against the last."""
 
     enabled: bool = Field(False, description="Compress after evaluation (seektune run).")
     source: str | None = Field(

@@ -55,8 +55,9 @@ _NOT_YET = {
 }
 
 
-def check_stages_available(cfg: SeektuneConfig) -> None:
-    """Stop with one line, before anything runs, when the config asks for what this version lacks."""
+def check_stages_available(cfg: SeektuneConfig, compresses: bool = False) -> None:
+    """Stop with one line, before anything runs, when the config asks for what this version lacks or
+    cannot run here; `compresses`: the command compresses (seektune run with compress.enabled)."""
     for section, what in _NOT_YET.items():
         if getattr(cfg, section).enabled:
             raise UserError(
@@ -73,7 +74,7 @@ def check_stages_available(cfg: SeektuneConfig) -> None:
         from seektune.models.prefix import check_prefix_compatible
 
         check_prefix_compatible(cfg.data)
-    if cfg.compress.enabled:
+    if compresses:
         from seektune.compress.chain import check_compress_config
 
         check_compress_config(cfg)
@@ -256,12 +257,15 @@ def _prepare(state: RunContext, need_train: bool = True):
     return data
 
 
-def _require_test_split(data: Any) -> None:
+def _require_test_split(data: Any, needed_by: str | None = "eval.enabled: false") -> None:
+    """`needed_by`: the setting that would make the test split unnecessary (None: there is none)."""
     if not len(data.tokenized["test"]):
-        raise UserError(
-            "the test split is empty, so nothing can be evaluated: raise data.test_ratio, add data, "
-            "or set eval.enabled: false"
+        what = (
+            f"raise data.test_ratio, add data, or set {needed_by}"
+            if needed_by
+            else ("raise data.test_ratio or add data")
         )
+        raise UserError(f"the test split is empty, so nothing can be evaluated: {what}")
 
 
 def _evaluate_on_main(
@@ -533,7 +537,7 @@ def improvement(base: dict[str, float], tuned: dict[str, float]) -> dict[str, fl
 
 def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """The whole loop: data, base evaluation, training, tuned evaluation, report."""
-    check_stages_available(cfg)
+    check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()
     searched = _previous_study(cfg, options.resume) if cfg.tune.enabled else None
@@ -542,6 +546,8 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
         data = _prepare(state)  # bad data stops before any weight is loaded
         if cfg.eval.enabled:
             _require_test_split(data)
+        if cfg.compress.enabled:  # every compression step is checked on test prompts
+            _require_test_split(data, "compress.enabled: false")
         weights = _domain_weights(cfg, data)
         loaded = _load_base(state)
         if cfg.eval.enabled and cfg.eval.compare_base:
@@ -560,10 +566,21 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
             _finish_evaluation(state)
         if cfg.compress.enabled:
             model = loaded = None  # the chain loads each model it needs; this one would only hold memory
-            source = Path(cfg.compress.source) if cfg.compress.source else state.run.path / "model"
-            _compress(state, data, source)
+            _compress(state, data, _compress_source(cfg, state.run.path / "model"))
         _finish(state)
     return state.run
+
+
+def _compress_source(cfg: SeektuneConfig, trained: Path) -> Path:
+    """compress.source as a model folder (a run directory's model/, the built-in base built), else the
+    model this run trained."""
+    if not cfg.compress.source:
+        return trained
+    from seektune.compress.merge import model_folder
+    from seektune.models.load import resolve_model_path
+
+    named = cfg.model.model_copy(update={"name_or_path": cfg.compress.source})
+    return model_folder(Path(resolve_model_path(named)))
 
 
 def _compress(state: RunContext, data: Any, source: Path) -> None:
@@ -578,7 +595,7 @@ def _compress(state: RunContext, data: Any, source: Path) -> None:
         {
             "final_model": str(result.final_model),
             "steps": [step["step"] for step in result.steps],
-            "table": result.rows,
+            "table": result.to_dict()["table"],
         },
     )
     state.run.update_metrics("timing", {"compress_s": round(time.perf_counter() - started, 2)})
@@ -588,18 +605,19 @@ def run_compress_stage(cfg: SeektuneConfig) -> RunDir:
     """Compress `compress.source` (or model.name_or_path): data for the checks (and for the steps that
     train), then the chain; the compressed model and compress/report.md end in the run directory."""
     from seektune.compress.chain import needs_training_data, plan_steps
+    from seektune.compress.merge import model_folder
     from seektune.models.load import resolve_model_path
 
     compress = cfg.compress.model_copy(update={"enabled": True})
     cfg = cfg.model_copy(update={"compress": compress})
     if compress.source:  # the data is tokenised with the tokenizer of the model being compressed
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": compress.source})})
-    check_stages_available(cfg)
-    source = Path(resolve_model_path(cfg.model))
+    # only compression's own checks: the training method, a search's storage and the like play no part
+    source = model_folder(Path(resolve_model_path(cfg.model)))
     plan_steps(cfg, source)  # what cannot run stops here, before a run directory exists
     with open_run(cfg, "compress") as state:
         data = _prepare(state, need_train=needs_training_data(cfg))
-        _require_test_split(data)
+        _require_test_split(data, needed_by=None)
         _compress(state, data, source)
         _finish(state)
     return state.run
@@ -633,7 +651,7 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
 
 def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """Prepare the data and train, without evaluation (or, with `options.profile`, profile a few steps)."""
-    check_stages_available(cfg)
+    check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()
     checkpoint = _resume_checkpoint(cfg, options)

@@ -134,8 +134,9 @@ def test_prune_distill_export_and_quantise_a_llama_in_one_chain(tmp_path, base_c
     run = run_compress_stage(SeektuneConfig(**raw)).path
     results = json.loads((run / "compress" / "results.json").read_text())
     assert results["status"] == "completed", results
-    assert [s["step"] for s in results["steps"]] == ["prune", "distill", "export", "quantize"]
-    prune, distill, export, quantize = results["steps"]
+    # distillation first: the student is what gets pruned, exported and quantised
+    assert [s["step"] for s in results["steps"]] == ["distill", "prune", "export", "quantize"]
+    distill, prune, export, quantize = results["steps"]
     assert [round(s["sparsity_reached"], 2) for s in prune["details"]["per_step"]] == [0.26, 0.3]
     assert distill["details"]["student_parameters"] < distill["details"]["teacher_parameters"]
     # the GGUF file holds the distilled student and reads back with its logits (f32)
@@ -148,7 +149,8 @@ def test_prune_distill_export_and_quantise_a_llama_in_one_chain(tmp_path, base_c
         json.loads((run / "compress" / "04-quantize" / "config.json").read_text())["num_hidden_layers"] == 1
     )
     assert results["vllm_problems"] == []
-    assert [row["label"] for row in results["table"]] == ["source", "prune", "distill", "export", "quantize"]
+    assert [row["label"] for row in results["table"]] == ["source", "distill", "prune", "export", "quantize"]
+    assert prune["model_dir"] == str(run / "compress" / "02-prune")
     assert (_files_digest(teacher), _files_digest(student)) == before
 
 
@@ -200,6 +202,31 @@ def test_bad_compress_configs_stop_with_one_line_and_no_run_dir(
     assert code == 2
     assert expected in err
     assert len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "runs").glob("t-*"))
+
+
+@pytest.mark.parametrize(
+    ("method", "compress", "expected"),
+    [
+        ("full", {}, "compress has nothing to do for the model this run trains"),
+        (
+            "lora",
+            {"merge": {"enabled": False}, "quantize": {"method": "int8_dynamic"}},
+            "merge.enabled is false",
+        ),
+        ("prefix", {"quantize": {"method": "int8_dynamic"}}, "method.name prefix trains weights outside"),
+    ],
+)
+def test_a_run_whose_training_leaves_compress_nothing_to_do_stops_before_training(
+    tmp_path, base_cache, capsys, method, compress, expected
+):
+    raw = tiny_run_config(
+        tmp_path, base_cache, method={"name": method}, compress={"enabled": True, **compress}
+    )
+    code = main(["run", str(_write(tmp_path, raw))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "runs").glob("t-*"))
 
 

@@ -1,7 +1,7 @@
-"""The compression chain: merge → prune → distil → QAT → export → quantise, each step checked.
+"""The compression chain: merge → distil → prune → QAT → export → quantise, each step checked.
 
 Every step reads the folder of the step before and writes a folder of its own under `<run>/compress/`
-(`01-merge`, `02-prune`, ...), so the model the chain starts from is never modified. After each step the
+(`01-merge`, `02-distill`, ...), so the model the chain starts from is never modified. After each step the
 new model is compared with the one before on a fixed prompt set (`verify.check_step`: logits, greedy
 tokens, perplexity, EOS) against that step's `check` limits, and measured for the before/after table
 (`table.measure_model`). A step that fails its check stops the chain: its folder is renamed
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seektune.compress.table import before_after_rows
 from seektune.config import CPU_QUANTIZE_METHODS, SeektuneConfig
 from seektune.data.prepare import PreparedData
 from seektune.errors import UserError
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 COMPRESS_DIR = "compress"
 RESULTS_FILE = f"{COMPRESS_DIR}/results.json"
 REPORT_FILE = f"{COMPRESS_DIR}/report.md"
-ORDER = ("merge", "prune", "distill", "qat", "export", "quantize")
+# Distillation hands on a new model (the student), so it comes before the steps that shrink the model in
+# hand: pruning the teacher would be thrown away. QAT keeps pruned weights at zero (`qat_finetune`).
+ORDER = ("merge", "distill", "prune", "qat", "export", "quantize")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class CompressResult:
             "files": self.files,
             "vllm_problems": self.vllm_problems,
             "steps": self.steps,
-            "table": self.rows,
+            "table": before_after_rows(self.rows),  # each row with its changes against the source
         }
 
 
@@ -69,24 +72,60 @@ def needs_training_data(cfg: SeektuneConfig) -> bool:
     return (c.prune.enabled and c.prune.recovery_steps > 0) or c.distill.enabled or c.qat.enabled
 
 
+ADAPTER_METHODS = ("lora", "dora", "qlora")  # what these train is a PEFT LoRA/DoRA folder
+
+
 def check_compress_config(cfg: SeektuneConfig, source: Path | None = None) -> None:
-    """What cannot run, found before anything runs: a GPU quantisation without a GPU, a run whose training
-    method leaves weights no step can take (bottleneck adapters, prefixes), a GGUF export of an
-    architecture llama.cpp's format does not hold, a student whose tokenizer is not the teacher's.
+    """What cannot run, found before anything runs: a GPU quantisation without a GPU (or bitsandbytes, or
+    an fp8-capable GPU), a GGUF export of an architecture llama.cpp's format does not hold, a student whose
+    tokenizer is not the teacher's; and, for `seektune run` (no `source`, no compress.source), what the
+    training method will hand the chain: bottleneck adapters and prefixes no step can take, nothing to do
+    for a full model, an adapter with merge off.
 
     `source` is the model the chain starts from; None: compress.source, else the run's base (what a run
     trains has its base's architecture and tokenizer)."""
     c = cfg.compress
     if c.quantize.method not in ("none", *CPU_QUANTIZE_METHODS):
-        _require_cuda(cfg)
-    if not cfg.compress.source and cfg.method.name in ("adapter", "prefix"):
-        raise UserError(
-            f"compress works on plain models and LoRA/DoRA adapters, and method.name {cfg.method.name} "
-            "trains weights outside the base that cannot be merged into it: train with method.name lora "
-            "(or full), or set compress.enabled: false"
-        )
+        from seektune.compress.quantize import require_gpu_method
+
+        require_gpu_method(c.quantize.method, cfg.model)
+    if source is None and not c.source:
+        if cfg.method.name in ("adapter", "prefix"):
+            raise UserError(
+                f"compress works on plain models and LoRA/DoRA adapters, and method.name {cfg.method.name} "
+                "trains weights outside the base that cannot be merged into it: train with method.name "
+                "lora (or full), or set compress.enabled: false"
+            )
+        _steps_for(cfg, "the model this run trains", cfg.method.name in ADAPTER_METHODS)
     if c.distill.enabled or c.export.gguf:
         _check_models(cfg, source)
+
+
+def _steps_for(cfg: SeektuneConfig, what: str, adapter: bool) -> list[str]:
+    """The steps the config asks of a model (`what`, for messages) that is or is not an adapter."""
+    c = cfg.compress
+    merge = c.merge.enabled and adapter
+    wanted = {
+        "merge": merge,
+        "distill": c.distill.enabled,
+        "prune": c.prune.enabled,
+        "qat": c.qat.enabled,
+        "export": c.export.gguf,
+        "quantize": c.quantize.method != "none",
+    }
+    steps = [name for name in ORDER if wanted[name]]
+    if not steps:
+        raise UserError(
+            f"compress has nothing to do for {what}: it is no LoRA/DoRA adapter to merge and no other step "
+            "is enabled: set compress.quantize.method (int8_dynamic or int8_weight_only on a CPU) or "
+            "enable compress.prune, distill or export"
+        )
+    if adapter and not merge:
+        raise UserError(
+            f"{what} is a LoRA/DoRA adapter and compress.merge.enabled is false, but "
+            f"{', '.join(steps)} need(s) a plain model: set compress.merge.enabled: true"
+        )
+    return steps
 
 
 def _check_models(cfg: SeektuneConfig, source: Path | None) -> None:
@@ -100,7 +139,8 @@ def _check_models(cfg: SeektuneConfig, source: Path | None) -> None:
         _check_distill_tokenizers(cfg, source)
     if c.export.gguf:
         # distillation hands the student on: that is the model exported
-        reason = gguf_unsupported(Path(str(c.distill.student)) if c.distill.enabled else source)
+        exported = Path(str(c.distill.student)) if c.distill.enabled else source
+        reason = gguf_unsupported(exported, heads_pruned=c.prune.enabled and c.prune.mode == "heads")
         if reason:
             raise UserError(reason)
 
@@ -110,29 +150,9 @@ def plan_steps(cfg: SeektuneConfig, source: Path) -> list[str]:
     from seektune.compress.merge import needs_merge
     from seektune.compress.quantize import already_quantized
 
-    c = cfg.compress
     adapter = needs_merge(source)  # bottleneck adapters and prefixes stop here: no step can take them
-    merge = c.merge.enabled and adapter
-    wanted = {
-        "merge": merge,
-        "prune": c.prune.enabled,
-        "distill": c.distill.enabled,
-        "qat": c.qat.enabled,
-        "export": c.export.gguf,
-        "quantize": c.quantize.method != "none",
-    }
-    steps = [name for name in ORDER if wanted[name]]
-    if not steps:
-        raise UserError(
-            f"compress has nothing to do for {source}: it is no LoRA/DoRA adapter to merge and "
-            "compress.quantize.method is none: set it (int8_dynamic or int8_weight_only on a CPU)"
-        )
-    if adapter and not merge:
-        raise UserError(
-            f"{source} is a LoRA/DoRA adapter and compress.merge.enabled is false, but "
-            f"{', '.join(steps)} need(s) a plain model: set compress.merge.enabled: true"
-        )
-    quantized = already_quantized(source) if not merge else None
+    steps = _steps_for(cfg, str(source), adapter)
+    quantized = already_quantized(source) if not adapter else None
     if quantized:
         raise UserError(
             f"{source} is already quantised ({quantized}): compress the float model it was made from "
@@ -146,26 +166,17 @@ def _check_distill_tokenizers(cfg: SeektuneConfig, source: Path) -> None:
     """Teacher and student must share a tokenizer: refused before a run directory or model exists."""
     from seektune.compress.distill import check_same_tokenizer
     from seektune.compress.merge import model_folder
+    from seektune.compress.steps import other_model_config
     from seektune.models.load import load_tokenizer
 
     student = str(cfg.compress.distill.student)
     teacher = load_tokenizer(cfg.model, str(model_folder(source)))
-    student_model = cfg.model.model_copy(update={"name_or_path": student})  # builtin names resolve too
+    student_model = other_model_config(cfg.model, student)  # builtin names resolve too
     check_same_tokenizer(teacher, load_tokenizer(student_model), str(source), student)
 
 
-def _require_cuda(cfg: SeektuneConfig) -> None:
-    from seektune.models.load import pick_device
-
-    if pick_device(cfg.model.device).type != "cuda":
-        raise UserError(
-            f"compress.quantize.method {cfg.compress.quantize.method} needs a CUDA GPU and model.device "
-            f"'{cfg.model.device}' has none here: use int8_dynamic or int8_weight_only on a CPU"
-        )
-
-
-def _free(*objects: Any) -> None:
-    del objects
+def _collect() -> None:
+    """Return freed memory (the caller has dropped its references) to the system and the GPU."""
     gc.collect()
     try:
         import torch
@@ -202,7 +213,7 @@ class _Chain:
             return load_gguf(folder, self.cfg.model)
         return load_step_model(self.cfg.model, folder)
 
-    def _row(self, label: str, model: Any, tokenizer: Any, files: list[Path]) -> None:
+    def _row(self, label: str, model: Any, tokenizer: Any, files: list[Path] | None) -> None:
         from seektune.compress.table import measure_model
 
         c = self.cfg.compress
@@ -233,9 +244,11 @@ class _Chain:
         from seektune.models.load import adapter_base
 
         base = adapter_base(str(self.current))
-        files = [Path(base), self.current] if base and Path(base).is_dir() else [self.current]
+        # a hub base's files are in the hub cache, which we do not measure: no size rather than a wrong one
+        files = None if base and not Path(base).is_dir() else [Path(p) for p in (base, self.current) if p]
         self._row("source", loaded.model, loaded.tokenizer, files)
-        _free(loaded)
+        del loaded
+        _collect()
 
     # -- steps ------------------------------------------------------------------------------------------
 
@@ -251,7 +264,6 @@ class _Chain:
             "details": output.details,
         }
         self.result.steps.append(record)
-        self.result.files += record["files"]
         passed = self._check(name, output, record)
         if not passed:
             rejected = self._reject(output, name)
@@ -265,6 +277,7 @@ class _Chain:
                 f"output was kept as {rejected} for inspection: see {self.run.path / REPORT_FILE}; fix the "
                 f"step or loosen compress.{name}.check"
             )
+        self.result.files += record["files"]
         if name != "export":  # the later steps (quantize) go on from the float model, not the GGUF file
             self.current = output.model_dir
         log_event(logger, "compress step finished", step=name, model_dir=str(output.model_dir))
@@ -283,8 +296,10 @@ class _Chain:
         log_event(logger, "compress check", step=name, passed=result.passed, **_flat(result.figures))
         if result.passed:
             self._row(name, model, tokenizer, output.files or [output.model_dir])
-            self.probe = probe
-        _free(model, tokenizer)
+            if name != "export":  # the next step is compared with the float model it starts from
+                self.probe = probe
+        del loaded, model, tokenizer
+        _collect()
         return result.passed
 
     def _reject(self, output: Any, name: str) -> str:
@@ -345,8 +360,18 @@ def _qat(chain: _Chain, out_dir: Path, work_dir: Path) -> Any:
 
     cfg = chain.cfg
     c = cfg.compress
+    keep_zeros = c.prune.enabled and c.prune.mode == "unstructured"  # training must not refill them
     return qat_finetune(
-        chain.current, out_dir, c.qat, c.quantize.method, cfg.model, cfg.train, chain.data, cfg.seed, work_dir
+        chain.current,
+        out_dir,
+        c.qat,
+        c.quantize.method,
+        cfg.model,
+        cfg.train,
+        chain.data,
+        cfg.seed,
+        work_dir,
+        keep_zeros=keep_zeros,
     )
 
 
@@ -373,8 +398,8 @@ def _distill(chain: _Chain, out_dir: Path, work_dir: Path) -> Any:
 
 _STEPS: dict[str, Callable[[_Chain, Path, Path], Any]] = {
     "merge": _merge,
-    "prune": _prune,
     "distill": _distill,
+    "prune": _prune,
     "qat": _qat,
     "export": _export,
     "quantize": _quantize,

@@ -90,7 +90,7 @@ def distill_model(
     whole or not at all; the training sub-run lives in `work_dir`. Neither input folder is written."""
     if not cfg.student:
         raise UserError("compress.distill needs compress.distill.student (a model folder or hub id)")
-    student_loaded = load_step_model(model_cfg, cfg.student)
+    student_loaded = load_step_model(model_cfg, cfg.student, other_model=True)
     _check_plain(student_loaded.model, cfg.student)
     teacher_loaded = load_step_model(model_cfg, teacher)
     try:

@@ -68,7 +68,7 @@ def merge_adapter(source: Path, out_dir: Path, cfg: MergeConfig, model_cfg: Mode
         )
     adapter = _adapter_facts(folder)
     base_name = cfg.base or adapter["trained_on"]
-    loaded = load_step_model(model_cfg, base_name)
+    loaded = load_step_model(model_cfg, base_name, other_model=base_name != model_cfg.name_or_path)
     verified = _check_base(folder, loaded.model, base_name, adapter["trained_on"])
     peft_model = _attach_adapter(loaded.model, folder, base_name)
     merged_modules = _count_tuner_layers(peft_model)

@@ -33,7 +33,6 @@ from seektune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-GPU_METHODS = ("bnb_int8", "bnb_nf4", "fp8")
 SCHEMES = {
     "int8_weight_only": "int8 weights (symmetric, per output channel), float activations",
     "int8_dynamic": "int8 weights (symmetric, per output channel), int8 activations (per token, at run time)",
@@ -74,7 +73,7 @@ def _quantization_config(method: str, model_cfg: ModelConfig) -> Any:
 
     if method in CPU_QUANTIZE_METHODS:
         return TorchAoConfig(torchao_base_config(method))
-    _require_gpu(method, model_cfg)
+    require_gpu_method(method, model_cfg)
     if method == "bnb_int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "gate"])
     if method == "bnb_nf4":
@@ -86,7 +85,9 @@ def _quantization_config(method: str, model_cfg: ModelConfig) -> Any:
     return TorchAoConfig(Float8DynamicActivationFloat8WeightConfig())
 
 
-def _require_gpu(method: str, model_cfg: ModelConfig) -> None:
+def require_gpu_method(method: str, model_cfg: ModelConfig) -> None:
+    """One line when the GPU method cannot run here: no CUDA GPU (or model.device cpu), no bitsandbytes,
+    fp8 on a GPU older than compute capability 8.9."""
     import importlib.util
 
     if model_cfg.device == "cpu" or not torch.cuda.is_available():
@@ -135,7 +136,12 @@ def quantize_model(source: Path, out_dir: Path, cfg: QuantizeConfig, model_cfg: 
     device = pick_device(model_cfg.device)
     dtype = torch.bfloat16 if method == "bnb_nf4" else pick_dtype(model_cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
-        str(source), dtype=dtype, quantization_config=quantization, device_map={"": device}
+        str(source),
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map={"": device},
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
     )
     tokenizer = load_tokenizer(model_cfg, str(source))
     split = _parameter_split(model)

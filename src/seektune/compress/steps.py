@@ -27,11 +27,23 @@ class StepOutput:
     files: list[Path] = field(default_factory=list)
 
 
-def load_step_model(model_cfg: ModelConfig, folder: Path | str) -> Any:
-    """Load a step's model folder (or the chain's source) with the run's device, dtype and kernels."""
+def load_step_model(model_cfg: ModelConfig, folder: Path | str, other_model: bool = False) -> Any:
+    """Load a step's model folder (or the chain's source) with the run's device, dtype and kernels.
+
+    `other_model` (a distillation student, a merge base of another name): the run's hub revision and
+    forced family belong to the run's model, not to this one, so they are not applied."""
     from seektune.models.load import load_model
 
-    return load_model(model_cfg.model_copy(update={"name_or_path": str(folder)}))
+    return load_model(
+        other_model_config(model_cfg, folder)
+        if other_model
+        else (model_cfg.model_copy(update={"name_or_path": str(folder)}))
+    )
+
+
+def other_model_config(model_cfg: ModelConfig, name: Path | str) -> ModelConfig:
+    """The run's loading settings (device, dtype, kernels) for another model: revision and family reset."""
+    return model_cfg.model_copy(update={"name_or_path": str(name), "revision": None, "family": "auto"})
 
 
 @contextmanager
