@@ -157,8 +157,8 @@ class ThroughputMeter:
         if seconds > 0 and tokens:
             figures["tokens_per_s"] = round(tokens / seconds, 1)
             if self.peak_flops:
-                figures["mfu"] = round(
-                    tokens * self.flops_per_token / seconds / (self.peak_flops * self.world), 4
+                figures["mfu"] = _significant(
+                    tokens * self.flops_per_token / seconds / (self.peak_flops * self.world)
                 )
         return figures
 
@@ -177,5 +177,11 @@ class ThroughputMeter:
         rate = self.total_tokens / self.total_seconds
         result: dict[str, Any] = {"tokens_per_s": round(rate, 1)}
         if self.peak_flops:
-            result["mfu"] = round(rate * self.flops_per_token / (self.peak_flops * self.world), 4)
+            result["mfu"] = _significant(rate * self.flops_per_token / (self.peak_flops * self.world))
         return result
+
+
+def _significant(value: float) -> float:
+    """Three significant digits: a tiny model's MFU (1e-5 on a busy CPU) must not round to 0."""
+    return float(f"{value:.3g}")
+
