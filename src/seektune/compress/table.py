@@ -24,7 +24,7 @@ from seektune.report import _fmt_count, _fmt_num, _fmt_relative_change
 
 _MB = 2**20
 TIMED_PROMPTS = 3
-_SKIP = {"label", "device"}
+_SKIP = {"label", "device", "n"}  # n: the evaluation's sample count, the same in every row
 COLUMNS = (
     ("size_on_disk_mb", "size MB"),
     ("parameters", "params"),
