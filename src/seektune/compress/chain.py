@@ -133,8 +133,9 @@ def _check_models(cfg: SeektuneConfig, source: Path | None) -> None:
     from seektune.models.load import resolve_model_path
 
     c = cfg.compress
-    if source is None:
-        source = Path(c.source or resolve_model_path(cfg.model))
+    if source is None:  # compress.source or the run's base, built-in names resolved
+        named = cfg.model.model_copy(update={"name_or_path": c.source or cfg.model.name_or_path})
+        source = Path(resolve_model_path(named))
     if c.distill.enabled:
         _check_distill_tokenizers(cfg, source)
     if c.export.gguf:
