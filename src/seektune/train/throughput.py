@@ -184,4 +184,3 @@ class ThroughputMeter:
 def _significant(value: float) -> float:
     """Three significant digits: a tiny model's MFU (1e-5 on a busy CPU) must not round to 0."""
     return float(f"{value:.3g}")
-
