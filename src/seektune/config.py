@@ -1059,13 +1059,91 @@ class CompressConfig(Section):
         return self
 
 
-class ServeConfig(Section):
-    """The OpenAI-compatible server."""
+class ServeLimitsConfig(Section):
+    """What one request may ask of the server, and how much work it takes on at once."""
 
-    host: str = Field("127.0.0.1", description="Address to bind.")
+    max_prompt_tokens: int = Field(
+        4096, ge=1, description="Longest prompt (in tokens, after the chat template); longer ones get a 400."
+    )
+    max_tokens: int = Field(
+        2048, ge=1, description="Largest max_tokens a request may ask for; larger ones get a 400."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that sends none.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_queue: int = Field(
+        256, ge=1, description="Requests waiting for a place in the batch; when full, new ones get a 429."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger ones get a 413.")
+    max_batch_size: int = Field(64, ge=1, description="Most sequences decoded together in one forward pass.")
+    max_batch_tokens: int = Field(
+        65536,
+        ge=1,
+        description="KV-cache token budget: a sequence joins the batch only when its prompt plus max_tokens "
+        "fits beside what the running ones reserve.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeLimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is above max_tokens ({self.max_tokens})"
+            )
+        return self
+
+
+class ABSplitConfig(Section):
+    """One public model name served by two (or more) versions with a share of the traffic each."""
+
+    name: str = Field(..., min_length=1, description="The public model name clients send.")
+    versions: dict[str, float] = Field(
+        ...,
+        description="Served model name (the base's or an adapter's) -> share of the traffic, e.g. "
+        "{stable: 0.9, candidate: 0.1}; shares are normalised to sum to 1.",
+    )
+
+    @field_validator("versions")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        if len(value) < 2:
+            raise ValueError("an A/B split needs at least two versions")
+        if any(share < 0 for share in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("shares must be >= 0 and sum to more than 0")
+        return value
+
+
+class ServeConfig(Section):
+    """The OpenAI-compatible server (`seektune serve`)."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; anything but loopback requires api_keys.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
-    max_batch_tokens: int = Field(4096, ge=1, description="Token budget of one batched forward pass.")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted API keys; empty: no auth.")
+    engine: Literal["seektune", "vllm"] = Field(
+        "seektune",
+        description="seektune: the built-in continuous-batching engine; vllm: hand the model to vLLM "
+        "(installed on a GPU host).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients send for the base model; None: the model folder's name."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA/DoRA adapters loaded at start: name -> adapter folder."
+    )
+    adapter_dir: Path | None = Field(
+        None,
+        description="Folder under which the admin endpoint may load adapters; None: loading at run time "
+        "is off.",
+    )
+    ab: list[ABSplitConfig] = Field(default_factory=list, description="A/B splits of public model names.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted API keys (bearer tokens); empty: no auth (loopback only)."
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys that may load and unload adapters; empty: the api_keys (or anyone on loopback).",
+    )
+    limits: ServeLimitsConfig = Field(default_factory=ServeLimitsConfig, description="Request limits.")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, how long running requests may take to finish."
+    )
 
 
 class RegistryConfig(Section):

@@ -369,13 +369,22 @@ def _linear_leaf_names(model: nn.Module, limit: int = 12) -> list[str]:
     return list(leaves)[:limit]
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
-    """Load a LoRA/DoRA adapter saved by seektune onto its base model, every adapted module included."""
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False, adapter_name: str = "default"
+) -> Any:
+    """Load a LoRA/DoRA adapter saved by seektune onto its base model, every adapted module included; on a
+    model that already is a PEFT model, as one more adapter named `adapter_name` (the server's several
+    adapters on one base)."""
     with _targets_as_named(), warnings.catch_warnings():
         warnings.filterwarnings(  # as in _wrap_lora: transformers' deprecation, raised by PEFT's call
             "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
-        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        if isinstance(model, peft.PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return peft.PeftModel.from_pretrained(
+            model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable
+        )
 
 
 @contextmanager
