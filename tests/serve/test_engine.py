@@ -148,7 +148,8 @@ def test_stop_strings_cut_the_text_and_end_the_row(engine_for) -> None:
     full = free["text"][0]
     stop = " ".join(full.split()[4:6])
     (result,) = _run(
-        engine, lambda: [_collect(engine, prompt, SamplingParams(max_tokens=10, stop=["never", stop], **GREEDY))]
+        engine,
+        lambda: [_collect(engine, prompt, SamplingParams(max_tokens=10, stop=["never", stop], **GREEDY))],
     )
     assert result["finish"][0] == "stop"
     assert result["text"][0] == full[: full.index(stop)]

@@ -97,7 +97,14 @@ def _compressed_model(run: Path) -> Path | None:
         final = json.loads(metrics.read_text(encoding="utf-8")).get("compress", {}).get("final_model")
     except ValueError:
         return None
-    return Path(final) if final and Path(final).is_dir() else None
+    if not final or final == "None":
+        return None
+    # Written as the run saw it: absolute, or relative to where the run was started. A moved run keeps
+    # its steps under <run>/compress/.
+    for candidate in (Path(final), run / "compress" / Path(final).name):
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def _peft_type(folder: Path) -> str:
@@ -187,6 +194,11 @@ class AdapterSet:
                 f"{str(path)!r} holds a PEFT {_peft_type(folder)} adapter; the server serves LoRA/DoRA "
                 "adapters"
             )
+        if json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8")).get("target_parameters"):
+            raise AdapterError(
+                f"adapter {str(path)!r} adapts fused expert parameters (target_parameters), which PEFT "
+                "cannot mix per request: merge it into the base (seektune compress) and serve that"
+            )
         self._check_shapes(folder, path)
         expected = read_fingerprint(folder)
         if expected is not None and expected != self._base_fingerprint():
@@ -254,6 +266,16 @@ class AdapterSet:
                 f"adapter {str(folder)!r} does not fit the served base {self.base_name!r} "
                 f"({first.rstrip('.')}): serve it with the base it was trained on"
             ) from exc
+        fused = [
+            n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper" and name in m.lora_A
+        ]
+        if fused:
+            self.engine.model = model
+            self._forget(name)
+            raise AdapterError(
+                f"adapter {str(folder)!r} adapts fused expert parameters ({fused[0]}), which PEFT cannot mix "
+                "per request: merge it into the base (seektune compress) and serve the merged model"
+            )
         self.engine.model = model.eval()
 
     def _detach(self, name: str) -> None:

@@ -361,6 +361,7 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._batch: _Batch | None = None
+        self._joining: list[_Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -500,9 +501,11 @@ class Engine:
         self._drop_cancelled()
         joining = self._admit()
         if joining:
+            self._joining = joining  # failed by _fail_all if the prefill raises
             prefilled = self._prefill(joining)
             with self._wake:
                 self._batch = _merge(self._batch, prefilled)
+            self._joining = []
             self._drop_finished()
         if self._batch is not None:
             self._decode()
@@ -735,6 +738,10 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         batch, self._batch = self._batch, None
+        joining, self._joining = self._joining, []
+        for request in joining:
+            request.handle.error = message
+            self._abort_request(request, "error")
         for row in batch.rows if batch else []:
             if row.finished is None:
                 row.request.handle.error = message
