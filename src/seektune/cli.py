@@ -341,10 +341,65 @@ def _print_compress_table(results: dict) -> None:
 
 @app.command()
 def serve(
-    model_or_run: Annotated[str, typer.Argument(help="Model folder, hub id or run directory.")],
+    model_or_run: Annotated[
+        str,
+        typer.Argument(
+            help="Model folder, LoRA adapter folder, run directory or hub id.", show_default=False
+        ),
+    ],
+    adapter: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--adapter", "-a", help="Serve a LoRA/DoRA adapter on the same base: NAME=PATH (repeatable)."
+        ),
+    ] = None,
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--config", "-c", help="YAML config whose serve: and model: sections to use."),
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (serve.host).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port to bind (serve.port).")] = None,  # noqa: UP045
+    api_key: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--api-key",
+            envvar="SEEKTUNE_API_KEY",
+            help="Accepted bearer key (repeatable; serve.api_keys); required to bind beyond loopback.",
+        ),
+    ] = None,
+    engine: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="seektune (built-in continuous batching) or vllm (hand the model to vLLM)."),
+    ] = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Serve a model with an OpenAI-compatible API."""
-    _not_yet("serving (seektune serve)")
+    """Serve a model (and LoRA adapters on it) with an OpenAI-compatible API: /v1/chat/completions,
+    /v1/completions, /v1/models, /health, /ready, /metrics."""
+    overrides = list(set_ or [])
+    for key, value in (("host", host), ("port", port), ("engine", engine)):
+        if value is not None:
+            overrides.append(f"serve.{key}={value}")
+    cfg = _load(config, overrides)
+    if api_key:
+        cfg = cfg.model_copy(
+            update={"serve": cfg.serve.model_copy(update={"api_keys": [*cfg.serve.api_keys, *api_key]})}
+        )
+    adapters = dict(cfg.serve.adapters)
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(
+                f"--adapter {item!r} is not NAME=PATH: give e.g. --adapter legal=runs/legal-1/model"
+            )
+        adapters[name] = path
+    if cfg.serve.engine == "vllm":
+        from seektune.serve.vllm import run_vllm
+
+        run_vllm(cfg, model_or_run, adapters)
+        return
+    from seektune.serve.server import run_server
+
+    run_server(cfg, model_or_run, adapters)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

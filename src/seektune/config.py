@@ -1073,7 +1073,9 @@ class ServeLimitsConfig(Section):
     max_queue: int = Field(
         256, ge=1, description="Requests waiting for a place in the batch; when full, new ones get a 429."
     )
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger ones get a 413.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body; larger ones get a 413."
+    )
     max_batch_size: int = Field(64, ge=1, description="Most sequences decoded together in one forward pass.")
     max_batch_tokens: int = Field(
         65536,

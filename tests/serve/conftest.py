@@ -1,0 +1,181 @@
+"""Fixtures of the serving tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import TINY_RECIPE
+
+# =========================================================================================================
+# HTTP app fixtures (helper "app"): the tiny DeepSeek-V3 base served by a real uvicorn in a thread.
+# =========================================================================================================
+
+API_KEY = "test-key"
+ADMIN_KEY = "admin-key"
+BASE_NAME = "tiny"
+ADAPTER_NAME = "candidate"
+AB_NAME = "tiny-ab"
+
+
+def load_tiny_base(base_cache: Path) -> Any:
+    """A fresh in-memory copy of the reduced offline base (LoadedModel: model + tokenizer)."""
+    from seektune.config import BaseBuildConfig, ModelConfig
+    from seektune.models.load import load_model
+
+    return load_model(
+        ModelConfig(
+            name_or_path="tiny-deepseek-v3",
+            base=BaseBuildConfig(**TINY_RECIPE),
+            cache_dir=base_cache,
+            device="cpu",
+            dtype="float32",
+        )
+    )
+
+
+def save_lora(base_cache: Path, folder: Path, seed: int = 1) -> Path:
+    """A LoRA adapter of the tiny base with non-zero B, so that it changes the outputs (on attention
+    Linear layers only: PEFT cannot mix adapters in one batch on the fused MoE expert parameters)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = load_tiny_base(base_cache).model
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # transformers' deprecation, raised from inside PEFT
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_b_proj", "o_proj"])
+        )
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT
+    server: Any  # the uvicorn server (DrainingServer)
+    thread: threading.Thread
+
+
+@contextmanager
+def running_server(app: Any, shutdown_timeout_s: float = 5.0) -> Iterator[RunningServer]:
+    """uvicorn serving `app` on a free loopback port in a thread, stopped (gracefully) on exit."""
+    from seektune.serve.server import make_server
+
+    port = free_port()
+    server = make_server(app, "127.0.0.1", port, shutdown_timeout_s)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """`running_server` for tests that start their own app."""
+    return running_server
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    app: Any
+    engine: Any
+    tokenizer: Any
+    adapter_dir: Path
+    outside_adapter: Path  # a valid adapter outside adapter_dir
+    api_key: str = API_KEY
+    admin_key: str = ADMIN_KEY
+    base_name: str = BASE_NAME
+    adapter_name: str = ADAPTER_NAME
+    ab_name: str = AB_NAME
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.server
+
+    def client(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def live_server(base_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The tiny base as `tiny`, a LoRA adapter `candidate` beside it, an A/B split `tiny-ab` (90/10) of the
+    two; keys on (API and admin), small limits, adapters loadable from a temporary adapter_dir."""
+    from seektune.config import ServeConfig
+    from seektune.serve.adapters import AdapterSet
+    from seektune.serve.app import ServedModels, create_app
+    from seektune.serve.engine import Engine
+
+    root = tmp_path_factory.mktemp("serve-adapters")
+    adapter_dir = root / "allowed"
+    adapter_dir.mkdir()
+    candidate = save_lora(base_cache, adapter_dir / ADAPTER_NAME, seed=1)
+    outside = save_lora(base_cache, root / "outside", seed=2)
+    cfg = ServeConfig(
+        api_keys=[API_KEY],
+        admin_keys=[ADMIN_KEY],
+        adapter_dir=adapter_dir,
+        ab=[{"name": AB_NAME, "versions": {BASE_NAME: 0.9, ADAPTER_NAME: 0.1}}],
+        limits={
+            "max_prompt_tokens": 200,
+            "max_tokens": 256,
+            "default_max_tokens": 32,
+            "max_n": 4,
+            "max_queue": 64,
+            "max_body_bytes": 20_000,
+        },
+    )
+    loaded = load_tiny_base(base_cache)
+    engine = Engine(loaded.model, loaded.tokenizer, cfg.limits, version=BASE_NAME)
+    adapters = AdapterSet(engine, BASE_NAME, cfg.adapter_dir)
+    adapters.load(ADAPTER_NAME, candidate)
+    app = create_app(engine, loaded.tokenizer, cfg, ServedModels(BASE_NAME, adapters), seed=0)
+    with running_server(app) as running:
+        yield LiveServer(running.url, app, engine, loaded.tokenizer, adapter_dir, outside)
+
+
+@pytest.fixture(scope="session")
+def plain_base(base_cache: Path) -> Any:
+    """Another copy of the tiny base, never served (for references computed with `generate`)."""
+    loaded = load_tiny_base(base_cache)
+    loaded.model.eval()
+    return loaded
+
+
+# =========================================================================================================
+# end of the HTTP app fixtures
+# =========================================================================================================
