@@ -381,6 +381,11 @@ def serve(
             overrides.append(f"serve.{key}={value}")
     cfg = _load(config, overrides)
     if api_key:
+        from seektune.config import api_key_problem
+
+        problem = next((api_key_problem(key) for key in api_key if api_key_problem(key)), None)
+        if problem:
+            raise UserError(f"--api-key / SEEKTUNE_API_KEY: {problem}")
         cfg = cfg.model_copy(
             update={"serve": cfg.serve.model_copy(update={"api_keys": [*cfg.serve.api_keys, *api_key]})}
         )

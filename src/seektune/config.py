@@ -1113,6 +1113,15 @@ class ABSplitConfig(Section):
         return value
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why `key` cannot be an API key, or None. An empty one (an unset "$KEY") would turn the check off."""
+    if not key:
+        return "an API key is empty (an unset variable?): give a key, e.g. from `openssl rand -hex 24`"
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        return "an API key has spaces, control or non-ASCII characters, which a bearer token cannot carry"
+    return None
+
+
 class ServeConfig(Section):
     """The OpenAI-compatible server (`seektune serve`)."""
 
@@ -1143,8 +1152,24 @@ class ServeConfig(Section):
         description="Keys that may load and unload adapters; empty: the api_keys (or anyone on loopback).",
     )
     limits: ServeLimitsConfig = Field(default_factory=ServeLimitsConfig, description="Request limits.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            problem = api_key_problem(key)
+            if problem:
+                raise ValueError(problem)
+        return value
+
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long running requests may take to finish."
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads torch computes with when the model is on the CPU; None: torch's default (the "
+        "usable CPUs). Fewer leave cores to the HTTP side and to other processes.",
     )
 
 

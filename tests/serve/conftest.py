@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import warnings
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from support import TINY_RECIPE
+from support import TINY_RECIPE, free_port
 
 # =========================================================================================================
 # HTTP app fixtures (helper "app"): the tiny DeepSeek-V3 base served by a real uvicorn in a thread.
@@ -63,12 +62,6 @@ def save_lora(base_cache: Path, folder: Path, seed: int = 1) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class RunningServer:
     url: str  # http://127.0.0.1:PORT
@@ -95,6 +88,14 @@ def running_server(app: Any, shutdown_timeout_s: float = 5.0) -> Iterator[Runnin
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve_helpers() -> Any:
+    """The helpers above for tests that build their own app: load(base_cache), save_lora(...)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(load=load_tiny_base, save_lora=save_lora)
 
 
 @pytest.fixture(scope="session")

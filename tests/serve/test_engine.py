@@ -287,6 +287,18 @@ def test_detokenizer_never_emits_half_a_character() -> None:
     assert all("\ufffd" not in piece for piece in pieces)
 
 
+def test_detokenizer_flushes_a_cut_character_and_bounds_what_it_holds() -> None:
+    tokenizer = bpe_tokenizer()
+    ids = tokenizer("你")["input_ids"]
+    assert len(ids) > 1  # byte-level: one character, several tokens
+    detok = _Detokenizer(tokenizer, [])
+    assert detok.add(ids[0]) == ""  # half a character is held back ...
+    assert detok.flush() == "\ufffd"  # ... and given (as U+FFFD) when the sequence ends at its length
+    stuck = _Detokenizer(tokenizer, [])
+    pieces = [stuck.add(ids[0]) for _ in range(_Detokenizer.MAX_HELD + 2)]
+    assert any(pieces) and pieces[0] == ""  # a run of bytes that never completes is not held for ever
+
+
 def test_stop_matcher_holds_back_a_possible_stop() -> None:
     matcher = _StopMatcher(["</end>"])
     assert matcher.feed("hello </") == ("hello ", False)

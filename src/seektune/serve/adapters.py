@@ -107,6 +107,16 @@ def _compressed_model(run: Path) -> Path | None:
     return None
 
 
+def _resolved(path: Path, given: Path) -> Path:
+    """`path` with symlinks resolved; a 400 for what is no path at all (a NUL byte, a name too long)."""
+    try:
+        folder = path.resolve()
+        folder.is_dir()  # raises for an over-long name
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"adapter path {str(given)[:200]!r} is not a usable path ({exc})") from None
+    return folder
+
+
 def _peft_type(folder: Path) -> str:
     try:
         return str(json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8")).get("peft_type"))
@@ -174,13 +184,13 @@ class AdapterSet:
                     "folder the adapters may come from",
                     403,
                 )
-            folder = (self.adapter_dir / path).resolve() if not path.is_absolute() else path.resolve()
+            folder = _resolved(self.adapter_dir / path if not path.is_absolute() else path, path)
             if not folder.is_relative_to(self.adapter_dir):
                 raise AdapterError(
                     f"adapter path {str(path)!r} is outside the allowed adapter directory", 403
                 )
         else:
-            folder = path.expanduser().resolve()
+            folder = _resolved(path.expanduser(), path)
         if not folder.is_dir():
             raise AdapterError(f"adapter folder {str(path)!r} does not exist", 404 if from_admin else 400)
         if (folder / "model").is_dir() and (folder / "status.json").is_file():
@@ -279,13 +289,19 @@ class AdapterSet:
         self.engine.model = model.eval()
 
     def _detach(self, name: str) -> None:
-        self.engine.model.delete_adapter(name)
+        model: Any = self.engine.model
+        if set(model.peft_config) == {name}:
+            # PEFT cannot run a PeftModel left without adapters (its active adapter names the deleted
+            # one): take the LoRA layers out and serve the plain base again, until the next load wraps it.
+            self.engine.model = model.unload().eval()
+        else:
+            model.delete_adapter(name)
 
     def _forget(self, name: str) -> None:
         """Remove what a failed load may have left behind."""
         model: Any = self.engine.model
         if hasattr(model, "peft_config") and name in model.peft_config:
             try:
-                model.delete_adapter(name)
+                self._detach(name)
             except (ValueError, KeyError):
                 model.peft_config.pop(name, None)

@@ -39,6 +39,7 @@ from seektune.serve.errors import (
     APIError,
     BodyLimitMiddleware,
     CatchAllMiddleware,
+    error_body,
     install_error_handlers,
     parse_body,
 )
@@ -298,11 +299,24 @@ def _completion_prompts(state: ServerState, prompt: Any) -> tuple[list[list[int]
         raise APIError(400, "prompt is empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    most = state.cfg.limits.max_queue  # more could never all be queued: a 429 for ever
+    if len(prompt) > most:
+        raise APIError(
+            400,
+            f"the request has {len(prompt)} prompts, above this server's limit of {most} per request: "
+            "send them in several requests",
+            param="prompt",
+        )
     ids: list[list[int]] = []
     texts: list[str] = []
     for item in prompt:
         if isinstance(item, str):
-            tokens = list(tokenizer(item, add_special_tokens=True)["input_ids"])
+            try:
+                tokens = list(tokenizer(item, add_special_tokens=True)["input_ids"])
+            except Exception:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
+                raise APIError(
+                    400, "the prompt is not valid Unicode text (a lone surrogate?)", param="prompt"
+                ) from None
             text = item
         else:
             bad = [t for t in item if not 0 <= t < state.vocab_size]
@@ -536,9 +550,9 @@ async def _collect(
         watcher.cancel()
         merged.close()
         progress.close()
-    failed = [h.error for h in handles if h.error]
+    failed = [h for h in handles if h.error]
     if failed:
-        raise APIError(500, f"generation failed: {failed[0]}", code="generation_failed")
+        raise _generation_error(failed[0])
     if any(c.finish_reason == "abort" for c in choices):
         if watcher.done() and not watcher.cancelled():  # the client left: nobody reads the answer
             request.state.metric_status = _CLIENT_CLOSED
@@ -546,8 +560,17 @@ async def _collect(
     return choices, progress.completion_tokens
 
 
-def _error_event(message: str, code: str) -> str:
-    return protocol.sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+def _generation_error(handle: GenerationHandle) -> APIError:
+    """What the engine failed a request for, as the client's error (an unloaded adapter is a 404)."""
+    if handle.error_status == 404:
+        return APIError(404, str(handle.error), param="model", code="model_not_found")
+    return APIError(500, f"generation failed: {handle.error}", code="generation_failed")
+
+
+def _error_event(handle: GenerationHandle) -> str:
+    """The stream's error event (sent, then [DONE]) for a request the engine failed."""
+    error = _generation_error(handle)
+    return protocol.sse(error_body(error.message, error.type, error.param, error.code))
 
 
 async def _chat_stream(
@@ -574,7 +597,7 @@ async def _chat_stream(
             progress.saw(delta)
             index = position * n + delta.index
             if delta.finish_reason == "error":
-                yield _error_event(f"generation failed: {handles[position].error}", "generation_failed")
+                yield _error_event(handles[position])
                 break
             if delta.text or delta.logprobs:
                 logprobs = protocol.chat_logprobs(delta.logprobs) if with_logprobs else None
@@ -630,7 +653,7 @@ async def _completion_stream(
             progress.saw(delta)
             index = position * n + delta.index
             if delta.finish_reason == "error":
-                yield _error_event(f"generation failed: {handles[position].error}", "generation_failed")
+                yield _error_event(handles[position])
                 break
             text = delta.text
             logs = legacy.setdefault(index, protocol.CompletionLogprobs())

@@ -58,12 +58,15 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter bat
 # What callers see
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
+
+
 @dataclass
 class SamplingParams:
     """How one request is generated (OpenAI's parameters, validated by the app before submitting)."""
 
     max_tokens: int
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (below GREEDY_BELOW): greedy
     top_p: float = 1.0
     seed: int | None = None  # choice i samples with its own generator seeded seed + i
     stop: list[str] = field(default_factory=list)  # stop strings; the output ends before them
@@ -77,7 +80,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # A temperature this small is greedy in all but name; dividing by it overflows float32 logits to
+        # inf, and sampling from NaNs would fail the whole batch.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -140,7 +145,8 @@ class GenerationHandle:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.completion_tokens = 0
         self.first_token_s: float | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why the engine failed the request
+        self.error_status = 500  # the HTTP status for `error`: 404 for an adapter unloaded meanwhile
         self.submitted = time.perf_counter()
         self._n = n
         self._loop = loop
@@ -156,18 +162,34 @@ class GenerationHandle:
         self._cancelled.set()
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
-        finished = 0
-        while finished < self._n:
+        finished: set[int] = set()  # by choice: a failing step may finish a finished choice again
+        while len(finished) < self._n:
             delta = await self._queue.get()
             if delta.finish_reason is not None:
-                finished += 1
+                if delta.index in finished:
+                    continue
+                finished.add(delta.index)
             yield delta
 
-    def _push(self, delta: ChoiceDelta) -> None:  # engine thread
+
+def _deliver(items: list[tuple[GenerationHandle, ChoiceDelta]]) -> None:  # in the handles' asyncio loop
+    for handle, delta in items:
+        handle._queue.put_nowait(delta)
+
+
+def _send(items: list[tuple[GenerationHandle, ChoiceDelta]]) -> None:
+    """Hand deltas to the asyncio loops of their handles: one wake-up per loop for a whole decode step, not
+    one per token (a cross-thread call writes to the loop's self-pipe: with 32 rows that was 32 writes and
+    32 wake-ups of the server's loop per step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, ChoiceDelta]]] = {}
+    for handle, delta in items:
+        by_loop.setdefault(handle._loop, []).append((handle, delta))
+    for loop, batch in by_loop.items():
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+            loop.call_soon_threadsafe(_deliver, batch)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel()
+            for handle, _ in batch:
+                handle.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,6 +203,8 @@ class _Detokenizer:
     as in TGI and vLLM; a few prompt ids seed the window so a leading space is decoded right.
     """
 
+    MAX_HELD = 8  # tokens held back at most while their bytes form no complete character
+
     def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
         self._tokenizer = tokenizer
         self._ids = list(prompt_ids[-4:])
@@ -192,10 +216,21 @@ class _Detokenizer:
         decode = self._tokenizer.decode
         prefix_text = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
         new_text = decode(self._ids[self._prefix :], skip_special_tokens=True)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        # A model that keeps making bytes that form no character gets them as U+FFFD after a few tokens,
+        # rather than an ever longer window decoded at every step.
+        complete = not new_text.endswith("\ufffd") or len(self._ids) - self._read > self.MAX_HELD
+        if len(new_text) > len(prefix_text) and complete:
             self._prefix, self._read = self._read, len(self._ids)
             return new_text[len(prefix_text) :]
         return ""
+
+    def flush(self) -> str:
+        """What is held back (an incomplete character, as U+FFFD), when the sequence ends at its length."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        new_text = decode(self._ids[self._prefix :], skip_special_tokens=True)
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
 class _StopMatcher:
@@ -370,13 +405,34 @@ class Engine:
         self._generated = 0
         self._token_text: dict[int, str] = {}
         self._ids = itertools.count()
+        self._outbox: list[tuple[GenerationHandle, ChoiceDelta]] = []  # sent once per step (_flush)
+        self._loop_done = threading.Event()  # set when `run` returns
+        self._runs_on_caller = False
 
     # ----- public, any thread
 
     def start(self) -> None:
+        """Run the engine in a background thread (unless `run` has it on a thread of the caller's)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="seektune-engine", daemon=True)
             self._thread.start()
+
+    def claim_current_thread(self) -> None:
+        """Mark the calling thread as the engine's (so `start` starts none), ahead of `run` on it."""
+        self._thread = threading.current_thread()
+        self._runs_on_caller = True
+
+    def run(self) -> None:
+        """Run the engine on the calling thread until `stop`. `seektune serve` runs it on the main thread
+        (uvicorn on another): OpenMP's worker threads belong to the thread that starts a parallel region,
+        and with the main thread's workers (from loading the model) and a second team for an engine
+        thread there are more busy-waiting threads than cores, so libgomp throttles their spinning and
+        every decode step took twice as long on 2 cores (docs/benchmarks.md)."""
+        self.claim_current_thread()
+        try:
+            self._loop()
+        finally:
+            self._loop_done.set()
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
@@ -461,7 +517,9 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
+        if self._runs_on_caller:
+            self._loop_done.wait(timeout=10)  # `run`'s thread (the main one) goes on after the loop
+        elif self._thread is not None:
             self._thread.join(timeout=10)
         for request in list(self._waiting):
             self._abort_request(request, "abort")
@@ -470,6 +528,7 @@ class Engine:
             for row in self._batch.rows:
                 self._finish(row, "abort")
             self._batch = None
+        self._flush()
 
     # ----- engine thread
 
@@ -486,7 +545,9 @@ class Engine:
                     self._step()
                 except Exception as exc:  # a bug or out of memory: fail the running rows, keep serving
                     logger.exception("engine step failed")
-                    self._fail_all(f"generation failed: {type(exc).__name__}")
+                    self._fail_all(type(exc).__name__)
+                finally:
+                    self._flush()
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -524,6 +585,15 @@ class Engine:
                     self._waiting.popleft()
                     self._abort_request(request, "abort")
                     continue
+                if request.adapter is not None and not self._adapter_loaded(request.adapter):
+                    self._waiting.popleft()  # unloaded after the app routed it: this request fails alone
+                    request.handle.error = (
+                        f"the adapter {request.adapter!r} was unloaded before this request ran: "
+                        "see GET /v1/models"
+                    )
+                    request.handle.error_status = 404
+                    self._abort_request(request, "error")
+                    continue
                 if rows + request.params.n > self.limits.max_batch_size:
                     break
                 if reserved + request.reserve > self.limits.max_batch_tokens:
@@ -533,6 +603,9 @@ class Engine:
                 rows += request.params.n
                 reserved += request.reserve
         return admitted
+
+    def _adapter_loaded(self, name: str) -> bool:
+        return _is_peft(self.model) and name in getattr(self.model, "peft_config", {})
 
     def _prefill(self, requests: list[_Request]) -> _Batch:
         """One forward over the new prompts (left-padded to the longest), then each request's first tokens;
@@ -660,7 +733,7 @@ class Engine:
         """Append `token` to `row`: text, stop checks, the delta to its handle."""
         params = row.request.params
         if params.max_tokens == 0:  # echo only: the prompt's log-probabilities, nothing generated
-            row.request.handle._push(ChoiceDelta(row.index, "", [], [], finish_reason="length"))
+            self._emit(row.request.handle, ChoiceDelta(row.index, "", [], [], finish_reason="length"))
             row.finished = "length"
             return
         row.generated.append(token)
@@ -680,10 +753,15 @@ class Engine:
             or (self.max_positions is not None and length >= self.max_positions)
         ):
             finish = "length"
-        if finish is not None:
-            text += row.stops.flush() if finish == "length" else ""
-        row.request.handle._push(
-            ChoiceDelta(row.index, text, [token], [entry] if entry else [], finish_reason=finish)
+        if finish == "length":
+            tail, stopped = row.stops.feed(row.detok.flush())
+            text += tail
+            finish = "stop" if stopped else finish
+        if finish == "length":
+            text += row.stops.flush()
+        self._emit(
+            row.request.handle,
+            ChoiceDelta(row.index, text, [token], [entry] if entry else [], finish_reason=finish),
         )
         row.finished = finish
 
@@ -730,11 +808,19 @@ class Engine:
 
     def _finish(self, row: _Sequence, reason: str) -> None:
         row.finished = reason
-        row.request.handle._push(ChoiceDelta(row.index, "", [], [], finish_reason=reason))
+        self._emit(row.request.handle, ChoiceDelta(row.index, "", [], [], finish_reason=reason))
 
     def _abort_request(self, request: _Request, reason: str) -> None:
         for index in range(request.params.n):
-            request.handle._push(ChoiceDelta(index, "", [], [], finish_reason=reason))
+            self._emit(request.handle, ChoiceDelta(index, "", [], [], finish_reason=reason))
+
+    def _emit(self, handle: GenerationHandle, delta: ChoiceDelta) -> None:
+        self._outbox.append((handle, delta))
+
+    def _flush(self) -> None:
+        items, self._outbox = self._outbox, []
+        if items:
+            _send(items)
 
     def _fail_all(self, message: str) -> None:
         batch, self._batch = self._batch, None

@@ -43,7 +43,7 @@ class _Split:
 
 def sticky_point(split: str, user: str) -> float:
     """A user's fixed point in [0, 1) for one split (the same across restarts and replicas)."""
-    digest = hashlib.sha256(f"{split}\x00{user}".encode()).digest()
+    digest = hashlib.sha256(f"{split}\x00{user}".encode(errors="surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

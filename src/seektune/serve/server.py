@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +72,23 @@ def build_app(cfg: SeektuneConfig, model_or_run: str, adapters: dict[str, str]) 
     validate_routes(base_name, list(wanted), serve.ab)  # before the (slow) load
 
     loaded = load_model(cfg.model.model_copy(update={"name_or_path": source.base}))
+    _set_cpu_threads(loaded.model, serve.cpu_threads)
     engine = Engine(loaded.model, loaded.tokenizer, serve.limits, version=base_name)
     adapter_set = AdapterSet(engine, base_name, serve.adapter_dir)
     for name, path in wanted.items():
         adapter_set.load(name, Path(path))
     logger.info("serving %s%s", base_name, f" with adapters {', '.join(adapter_set.names)}" if wanted else "")
     return create_app(engine, loaded.tokenizer, serve, ServedModels(base_name, adapter_set), seed=cfg.seed)
+
+
+def _set_cpu_threads(model: Any, wanted: int | None) -> None:
+    """serve.cpu_threads: torch's intra-op threads when the model is on the CPU (None: torch's default)."""
+    import torch
+
+    if wanted is None or next(model.parameters()).device.type != "cpu":
+        return
+    torch.set_num_threads(wanted)
+    logger.info("computing with %d CPU thread%s", wanted, "s" if wanted > 1 else "")
 
 
 class DrainingServer(uvicorn.Server):
@@ -105,9 +118,40 @@ def make_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float) -
 
 
 def run_server(cfg: SeektuneConfig, model_or_run: str, adapters: dict[str, str]) -> None:
-    """Serve MODEL_OR_RUN on serve.host:serve.port until SIGTERM/SIGINT (then a graceful shutdown)."""
+    """Serve MODEL_OR_RUN on serve.host:serve.port until SIGTERM/SIGINT (then a graceful shutdown).
+
+    The engine computes on the main thread and uvicorn runs on a second one (Engine.run says why); the
+    signals reach the main thread, which hands them to uvicorn's own handler (a second Ctrl-C forces the
+    exit, as with uvicorn alone)."""
     check_bind(cfg.serve)
     app = build_app(cfg, model_or_run, adapters)
+    engine: Engine = app.state.server.engine
     server = make_server(app, cfg.serve.host, cfg.serve.port, cfg.serve.shutdown_timeout_s)
-    logger.info("listening on http://%s:%d/v1", cfg.serve.host, cfg.serve.port)
-    server.run()
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # uvicorn exits with SystemExit when it cannot bind
+            failure.append(exc)
+        finally:
+            engine.stop(timeout_s=0)  # a server that never started, or ended: the engine ends with it
+
+    engine.claim_current_thread()
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=serve, name="uvicorn")
+    try:
+        thread.start()
+        logger.info("listening on http://%s:%d/v1", cfg.serve.host, cfg.serve.port)
+        engine.run()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure and not isinstance(failure[0], SystemExit):
+        raise failure[0]
+    if failure:
+        raise UserError(
+            f"the server could not listen on {cfg.serve.host}:{cfg.serve.port} (see the log above): choose "
+            "another --port, or stop what uses it"
+        )
