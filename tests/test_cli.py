@@ -53,7 +53,7 @@ def test_config_schema_is_json(capsys):
             "tune.storage",
         ),
         (["run", "{cfg}", "--set", "tune.enabled=true"], "tune.space is empty"),
-        (["serve", "some-model"], "serving"),
+        (["serve", "./no-such-model"], "./no-such-model does not exist"),
         (["registry", "list"], "model registry"),
         (["run", "{cfg}", "--set", "method.name=prefix", "--set", "data.packing=true"], "data.packing"),
         (["train", "{cfg}", "--set", "method.name=bogus"], "method.name"),

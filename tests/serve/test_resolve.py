@@ -102,3 +102,9 @@ def test_model_folder_and_hub_id_are_served_as_given(tmp_path):
     )
     hub = resolve_served_model("deepseek-ai/DeepSeek-V2-Lite-Chat")
     assert (hub.base, hub.name) == ("deepseek-ai/DeepSeek-V2-Lite-Chat", "DeepSeek-V2-Lite-Chat")
+
+
+def test_a_path_that_does_not_exist_is_no_hub_id(tmp_path):
+    for missing in (str(tmp_path / "gone"), "./gone", "~/gone", "runs/x/model"):
+        with pytest.raises(UserError, match="does not exist"):
+            resolve_served_model(missing)

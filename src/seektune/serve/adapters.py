@@ -57,6 +57,11 @@ def resolve_served_model(model_or_run: str) -> ServedSource:
 
     path = Path(model_or_run).expanduser()
     if not path.exists():
+        if model_or_run.startswith((".", "/", "~")) or model_or_run.strip("/").count("/") > 1:
+            raise UserError(
+                f"{model_or_run} does not exist: give a model folder, a run directory, an adapter folder, a "
+                "hub id (org/name) or tiny-deepseek-v3"
+            )
         return ServedSource(base=model_or_run, name=model_or_run.rstrip("/").split("/")[-1])
     if not path.is_dir():
         raise UserError(f"{model_or_run} is not a folder: give a model folder, a run directory or a hub id")
