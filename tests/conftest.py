@@ -34,6 +34,12 @@ def quickstart_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_registry(tmp_path, monkeypatch):
+    """Every test's CLI registry is a file of its own, never the user's (SEEKTUNE_REGISTRY_URL)."""
+    monkeypatch.setenv("SEEKTUNE_REGISTRY_URL", f"sqlite:///{tmp_path / 'registry' / 'registry.db'}")
+
+
+@pytest.fixture(autouse=True)
 def _isolated_logging():
     yield
     from seektune.logs import reset_logging

@@ -85,8 +85,13 @@ def test_quickstart_config_beats_the_base(tmp_path, quickstart_cache):
     """configs/quickstart.yaml as the README runs it (its own full-size base, built from scratch by the
     first test of the session that needs it, normally this one)."""
     quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-    cfg = load_config(quickstart, [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={quickstart_cache}"])
-    run = run_pipeline(cfg)
+    registry = f"sqlite:///{tmp_path / 'registry' / 'registry.db'}"
+    overrides = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"model.cache_dir={quickstart_cache}",
+        f"registry.url={registry}",
+    ]
+    run = run_pipeline(load_config(quickstart, overrides))
     improvement = json.loads(run.metrics_path.read_text())["eval"]["improvement"]
     assert improvement["perplexity_relative"] < -0.2
     assert improvement["rouge_l"] > 0
@@ -107,6 +112,18 @@ def test_quickstart_config_beats_the_base(tmp_path, quickstart_cache):
     for name in ("report.html", "review.csv", "review-key.json"):
         assert (run.path / "eval" / name).is_file(), name
     _renders_in_chromium(run.path / "eval" / "report.html")
+    # It registered its adapter and the models compression made of it: base → adapter → merged → int8.
+    from seektune.cli import main
+
+    assert main(["registry", "lineage", "quickstart@1.0.0+int8-dynamic", "--url", registry]) == 0
+    from seektune.registry.catalog import lineage
+    from seektune.registry.store import open_store
+
+    tree = lineage(open_store(registry), "quickstart@1.0.0+int8-dynamic")["trees"][0]
+    assert tree["base"]["model"] == "tiny-deepseek-v3"
+    assert [v["ref"] for v in tree["ancestors"]] == ["quickstart@1.0.0", "quickstart@1.0.0+merged"]
+    assert [v["kind"] for v in tree["ancestors"]] == ["adapter", "merged"]
+    assert tree["version"]["kind"] == "quantised"
 
 
 def _renders_in_chromium(page: Path) -> None:

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -31,10 +31,14 @@ config_app = typer.Typer(help="Show the resolved config or its JSON schema.", no
 data_app = typer.Typer(help="The data stage.", no_args_is_help=True)
 base_app = typer.Typer(help="The offline base model tiny-deepseek-v3.", no_args_is_help=True)
 review_app = typer.Typer(help="Human review sheets of an evaluation.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The model registry: versions, tags, stages, lineage (docs/registry.md).", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(review_app, name="review")
 app.add_typer(data_app, name="data")
 app.add_typer(base_app, name="base")
+app.add_typer(registry_app, name="registry")
 
 _debug = {"on": False}
 
@@ -56,8 +60,19 @@ def _global_options(
     setup_logging(debug=debug, json_events=log_json)
 
 
+# The registry a command uses when its config sets no registry.url (read here: stages read no environment).
+REGISTRY_URL_ENV = "SEEKTUNE_REGISTRY_URL"
+
+
 def _load(config: Path | None, overrides: list[str] | None) -> SeektuneConfig:
-    return load_config(config, overrides or [])
+    import os
+
+    cfg = load_config(config, overrides or [])
+    if cfg.registry.url is None and os.environ.get(REGISTRY_URL_ENV):
+        cfg = cfg.model_copy(
+            update={"registry": cfg.registry.model_copy(update={"url": os.environ[REGISTRY_URL_ENV]})}
+        )
+    return cfg
 
 
 def _done(run_dir: Path, *more: str) -> None:
@@ -278,10 +293,6 @@ def harness(
         typer.echo(f"results: {output}")
 
 
-def _not_yet(what: str) -> None:
-    raise UserError(f"{what} is not available in this version of seektune yet")
-
-
 @app.command()
 def tune(
     config: ConfigArg,
@@ -398,19 +409,243 @@ def serve(
             )
         adapters[name] = path
     if cfg.serve.engine == "vllm":
+        from seektune.serve.versions import resolve_served_versions
         from seektune.serve.vllm import run_vllm
 
-        run_vllm(cfg, model_or_run, adapters)
+        registered = resolve_served_versions(cfg, model_or_run, adapters)
+        run_vllm(registered.cfg, registered.model_or_run, registered.adapters)
         return
     from seektune.serve.server import run_server
 
     run_server(cfg, model_or_run, adapters)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def registry(ctx: typer.Context) -> None:
-    """List, compare and promote registered model versions."""
-    _not_yet("the model registry (seektune registry)")
+# ---------------------------------------------------------------------------------------------------------
+# seektune registry ...
+
+RefArg = Annotated[
+    str, typer.Argument(help="NAME@REF: a version (1.2.0), stage, tag or latest; NAME alone: the newest.")
+]
+UrlOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--url",
+        envvar=REGISTRY_URL_ENV,
+        help="Registry database (SQLAlchemy URL); default: registry.db in your data directory.",
+    ),
+]
+ArtefactDirOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Folder of the registered artefacts (registry.artefact_dir)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
+
+
+def _store(url: str | None, artefact_dir: Path | None = None) -> Any:  # a RegistryStore, imported lazily
+    from seektune.registry.store import open_store
+
+    return open_store(url, artefact_dir)
+
+
+def _echo_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[Optional[str], typer.Argument(help="Only this registered name.")] = None,  # noqa: UP045
+    stage: Annotated[Optional[str], typer.Option(help="Only versions in this stage.")] = None,  # noqa: UP045
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every registered version: kind, stage, tags, metrics, size, who and when."""
+    from seektune.registry.catalog import list_versions
+    from seektune.registry.models import STAGES
+
+    if stage is not None and stage not in STAGES:
+        raise UserError(f"--stage {stage!r} is not one of {', '.join(STAGES)}")
+    rows = list_versions(_store(url), name, stage)
+    if as_json:
+        _echo_json(rows)
+    elif not rows:
+        typer.echo("no registered versions" + (f" in {stage}" if stage else ""))
+    else:
+        from rich.console import Console
+
+        from seektune.registry.render import versions_table
+
+        Console().print(versions_table(rows))
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: RefArg,
+    url: UrlOpt = None,
+    config: Annotated[bool, typer.Option("--config", help="Also print the resolved config.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """One version: base, method, data, evaluations, artefact and checksum, parent, stage history."""
+    from seektune.registry.catalog import show_version
+
+    view = show_version(_store(url), ref)
+    if as_json:
+        _echo_json(view)
+        return
+    from rich.console import Console
+
+    from seektune.registry.render import print_version
+
+    print_version(view, Console(), with_config=config)
+
+
+@registry_app.command("tag")
+def registry_tag(
+    ref: RefArg,
+    tags: Annotated[list[str], typer.Argument(help="Tags, e.g. v1.0-legal-202403.", show_default=False)],
+    remove: Annotated[bool, typer.Option("--remove", help="Take these tags off instead.")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move a tag another version has.")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Tag a version (a tag names one version of a name, so NAME@TAG finds it)."""
+    from seektune.registry.catalog import tag_version
+
+    view = tag_version(_store(url), ref, tags, remove=remove, move=move)
+    typer.echo(f"{view['ref']}: tags {', '.join(view['tags']) or 'none'}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    ref: RefArg,
+    stage: Annotated[str, typer.Argument(help="none, staging, production or archived.", show_default=False)],
+    reason: Annotated[Optional[str], typer.Option(help="Why, for the stage history.")] = None,  # noqa: UP045
+    url: UrlOpt = None,
+) -> None:
+    """Move a version to a stage; a new production version archives the one it replaces."""
+    from seektune.registry.catalog import promote_version
+
+    result = promote_version(_store(url), ref, stage, reason)
+    if not result["changed"]:
+        typer.echo(f"{result['ref']} is already in {stage}")
+        return
+    typer.echo(f"{result['ref']} is now in {stage}")
+    if result["archived"]:
+        typer.echo(f"{result['archived']} (production until now) is archived")
+
+
+@registry_app.command("compare")
+def registry_compare(
+    a: Annotated[str, typer.Argument(help="Version A (NAME@REF).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Version B (NAME@REF).", show_default=False)],
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two versions side by side: what they are, their metrics, and their configs as a diff."""
+    from seektune.registry.catalog import compare_versions
+
+    comparison = compare_versions(_store(url), a, b)
+    if as_json:
+        _echo_json(comparison)
+        return
+    from rich.console import Console
+
+    from seektune.registry.render import compare_table
+
+    console = Console()
+    console.print(compare_table(comparison))
+    if comparison["same_test_data"] is False:
+        console.print("note: A and B were evaluated on different test data; the metrics are not comparable")
+    if comparison["config_diff"]:
+        console.print("\n".join(comparison["config_diff"]), markup=False, highlight=False)
+    else:
+        console.print("configs: identical")
+
+
+@registry_app.command("lineage")
+def registry_lineage(ref: RefArg, url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Where a version came from and what was derived from it: base → adapter → merged → quantised."""
+    from seektune.registry.catalog import lineage
+
+    found = lineage(_store(url), ref)
+    if as_json:
+        _echo_json(found)
+        return
+    from rich.console import Console
+
+    from seektune.registry.render import lineage_tree
+
+    console = Console()
+    for tree in lineage_tree(found):
+        console.print(tree)
+
+
+@registry_app.command("export")
+def registry_export(
+    ref: RefArg,
+    destination: Annotated[Path, typer.Argument(help="A new (or empty) folder.", show_default=False)],
+    url: UrlOpt = None,
+) -> None:
+    """Copy a version's artefact out (checksum verified first), with registry.json describing it."""
+    from seektune.registry.catalog import export_version
+
+    resolved, target = export_version(_store(url), ref, destination)
+    typer.echo(f"{resolved.ref} exported to {target}")
+
+
+@registry_app.command("gc")
+def registry_gc(
+    url: UrlOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+) -> None:
+    """Remove the artefacts of archived versions (their records stay) and folders no version owns."""
+    from seektune.registry.catalog import collect_garbage, gc_plan
+
+    store = _store(url)
+    plan = gc_plan(store)
+    items = [(v["ref"], v["path"], v["bytes"]) for v in plan["versions"]]
+    items += [("(no version)", o["path"], o["bytes"]) for o in plan["orphans"]]
+    if not items:
+        typer.echo("nothing to remove")
+        return
+    for ref, path, size in items:
+        typer.echo(f"{ref}: {path} ({size / 1e6:.1f} MB)")
+    total = sum(size for _, _, size in items) / 1e6
+    if dry_run:
+        typer.echo(f"would remove {len(items)} folder(s), {total:.1f} MB")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError("gc removes files and there is no terminal to confirm on: add --yes")
+        typer.confirm(f"remove these {len(items)} folder(s), {total:.1f} MB?", abort=True)
+    done = collect_garbage(store)
+    typer.echo(
+        f"removed {len(done['versions']) + len(done['orphans'])} folder(s), {done['bytes'] / 1e6:.1f} MB"
+    )
+
+
+@registry_app.command("add")
+def registry_add(
+    run_dir: Annotated[Path, typer.Argument(help="A completed run directory.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option(help="Registered name (default: the run's name).")] = None,  # noqa: UP045
+    version: Annotated[Optional[str], typer.Option(help="Version of its trained model.")] = None,  # noqa: UP045
+    tag: Annotated[Optional[list[str]], typer.Option(help="Tag (repeatable).")] = None,  # noqa: UP045
+    url: UrlOpt = None,
+    artefact_dir: ArtefactDirOpt = None,
+) -> None:
+    """Register what a completed run produced (what seektune run does with registry.enabled)."""
+    from seektune.config import RegistryConfig
+    from seektune.registry.register import register_run
+
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist: give a folder made by seektune run")
+    try:
+        registry = RegistryConfig(
+            enabled=True, url=url, artefact_dir=artefact_dir, model_name=name, version=version, tags=tag or []
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for view in register_run(_store(url, artefact_dir), registry, run_dir):
+        typer.echo(f"registered {view['ref']} ({view['kind']})")
 
 
 @base_app.command("build")

@@ -1174,11 +1174,41 @@ class ServeConfig(Section):
 
 
 class RegistryConfig(Section):
-    """The model registry."""
+    """The model registry (docs/registry.md): where it is, and how a run registers what it produced."""
 
-    enabled: bool = Field(False, description="Register what the run produces.")
-    url: str | None = Field(None, description="SQLAlchemy URL; None is a SQLite file in the user data dir.")
-    model_name: str | None = Field(None, description="Registered name; None uses the run name.")
+    enabled: bool = Field(
+        False,
+        description="Register what the run produces (the trained model, each compression step's model).",
+    )
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (e.g. postgresql+psycopg://host/db for a team); None: the SQLite file "
+        "registry.db in the user's data directory (or $SEEKTUNE_REGISTRY_URL from the CLI).",
+    )
+    artefact_dir: Path | None = Field(
+        None,
+        description="Folder registered artefacts are copied to; None: 'artefacts' beside a SQLite file, "
+        "else in the user's data directory. A team database needs a folder every machine sees.",
+    )
+    artefacts: Literal["copy", "link"] = Field(
+        "copy",
+        description="copy: the registry keeps its own copy; link: hard links (no extra disk on one "
+        "filesystem; a file changed in place in the run then changes the registered one, which the "
+        "checksum check catches).",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Registered name; None: the name of the version the run started from, else the run name.",
+    )
+    version: str | None = Field(
+        None, description="Semantic version of the trained model (e.g. 1.2.0); None: the next after bump."
+    )
+    bump: Literal["major", "minor", "patch"] = Field(
+        "minor", description="Which part of the newest version a new one increments (the first is 1.0.0)."
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="Tags for the trained model's version, e.g. [v1.0-legal-202403]."
+    )
 
 
 class SeektuneConfig(Section):

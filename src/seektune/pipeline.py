@@ -1,19 +1,20 @@
 """The order of the stages, and the run directory around them.
 
-This is the only module that knows the order: prepare the data (with the model's tokenizer, so bad data
-stops a run before any weight is loaded) → load the base → evaluate the base → apply the fine-tuning method
-→ train → evaluate the tuned model → report. Each stage is a plain function of its own config section and
-the artefacts of earlier stages. A run that fails records the error in its run directory
-(`status.json`) before the error reaches the user.
+This is the only module that knows the order: resolve registered versions the config names
+(`registry:NAME@REF`, checksums verified) → prepare the data (with the model's tokenizer, so bad data stops
+a run before any weight is loaded) → load the base → evaluate the base → apply the fine-tuning method →
+train → evaluate the tuned model → compress → report → register what the completed run produced. Each stage
+is a plain function of its own config section and the artefacts of earlier stages. A run that fails records
+the error in its run directory (`status.json`) before the error reaches the user.
 
-Under a launcher (`torchrun`, `accelerate launch`) every process runs the same stages in one run
-directory: rank 0 creates it, prepares the data and writes every file (config, status, metrics, logs,
-report, evaluation); the others wait for the data and load it, train with it (the Trainer synchronises
-them) and log to the console at warning level only (`seektune.distributed`).
-"""
+Under a launcher (`torchrun`, `accelerate launch`) every process runs the same stages in one run directory:
+rank 0 creates it, prepares the data and writes every file (config, status, metrics, logs, report,
+evaluation); the others wait for the data and load it, train with it (the Trainer synchronises them) and log
+to the console at warning level only (`seektune.distributed`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -49,21 +50,19 @@ _VERBS = {
     "compress": "compress",
 }
 
-# Sections whose stage arrives with a later release: enabling one stops before anything runs.
-_NOT_YET = {
-    "registry": "the model registry",
-}
+# The config fields that may name a registered version (registry:NAME@REF), resolved before a run.
+_REGISTRY_FIELDS = (
+    ("model", "name_or_path"),
+    ("compress", "source"),
+    ("eval.compare", "with_model"),
+    ("compress.distill", "student"),
+)
 
 
 def check_stages_available(cfg: SeektuneConfig, compresses: bool = False) -> None:
     """Stop with one line, before anything runs, when the config asks for what this version lacks or
     cannot run here; `compresses`: the command compresses (seektune run with compress.enabled)."""
-    for section, what in _NOT_YET.items():
-        if getattr(cfg, section).enabled:
-            raise UserError(
-                f"{section}.enabled is true but {what} is not available in this version of seektune "
-                f"yet: set {section}.enabled: false"
-            )
+    _check_registry(cfg)
     if cfg.method.name == "qlora" and not _has_cuda(cfg.model.device):
         raise UserError(
             "method.name qlora loads the base in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU, "
@@ -84,6 +83,92 @@ def check_stages_available(cfg: SeektuneConfig, compresses: bool = False) -> Non
         check_space(cfg)
         if cfg.tune.storage:
             open_storage(cfg.tune.storage)  # a storage that cannot open stops before any run directory
+
+
+def _check_registry(cfg: SeektuneConfig) -> None:
+    """With registry.enabled: a registry that cannot open, or a version already taken, stops here."""
+    if cfg.registry.enabled:
+        from seektune.registry.register import check_registration
+
+        check_registration(_open_registry(cfg), cfg.registry, cfg.name)
+
+
+def _open_registry(cfg: SeektuneConfig) -> Any:
+    from seektune.registry.store import open_store
+
+    return open_store(cfg.registry.url, cfg.registry.artefact_dir)
+
+
+def resolve_registry_refs(cfg: SeektuneConfig) -> tuple[SeektuneConfig, dict[str, str]]:
+    """The config with every `registry:NAME@REF` replaced by the version's verified artefact folder, and
+    `{dotted field: NAME@VERSION}` of what was replaced (a checksum mismatch stops here)."""
+    from seektune.registry.catalog import resolve_version
+    from seektune.registry.refs import is_registry_ref
+
+    refs: dict[str, str] = {}
+    store = None
+    for section, key in _REGISTRY_FIELDS:
+        owner: Any = cfg
+        for part in section.split("."):
+            owner = getattr(owner, part)
+        value = getattr(owner, key)
+        if not is_registry_ref(value):
+            continue
+        store = store or _open_registry(cfg)
+        resolved = resolve_version(store, value)
+        refs[f"{section}.{key}"] = resolved.ref
+        cfg = _replace(cfg, section.split("."), key, str(resolved.path))
+        log_event(logger, "registry version resolved", ref=resolved.ref, path=str(resolved.path))
+    return cfg, refs
+
+
+def _replace(cfg: Any, path: list[str], key: str, value: str) -> Any:
+    if not path:
+        return cfg.model_copy(update={key: value})
+    child = getattr(cfg, path[0])
+    return cfg.model_copy(update={path[0]: _replace(child, path[1:], key, value)})
+
+
+def _register(
+    run: RunDir, cfg: SeektuneConfig, summary: dict[str, Any], refs: dict[str, str], parent: str | None
+) -> None:
+    """Note the registered versions the run started from, register what the completed run produced
+    (registry.enabled), and add the new versions to its report."""
+    if not is_main_process():
+        return
+    if refs:
+        run.update_metrics("registry", {"inputs": refs})
+    if not cfg.registry.enabled:
+        return
+    from seektune.registry.register import register_run
+
+    try:
+        versions = register_run(_open_registry(cfg), cfg.registry, run.path, parent_ref=parent)
+    except UserError as exc:
+        raise UserError(
+            f"{exc} (the run itself completed: register it later with seektune registry add {run.path})"
+        ) from None
+    registered = [{key: v[key] for key in ("ref", "kind", "parent")} for v in versions]
+    run.update_metrics("registry", {"inputs": refs, "versions": registered})
+    summary["registry"] = {"versions": versions}
+    from seektune.report import write_report
+
+    write_report(run, summary)
+    log_event(logger, "registered", versions=",".join(v["ref"] for v in versions))
+
+
+def _record_evaluations(run: RunDir, cfg: SeektuneConfig, refs: dict[str, str]) -> None:
+    """Attach an evaluation of registered versions to them (what promotion asks for)."""
+    from seektune.registry.catalog import record_evaluation
+
+    metrics = json.loads(run.metrics_path.read_text(encoding="utf-8"))
+    evaluated = metrics.get("eval") or {}
+    fingerprint = (metrics.get("data") or {}).get("fingerprint")
+    for field_name, which in (("model.name_or_path", ("model", "a")), ("eval.compare.with_model", ("b",))):
+        scores = next((evaluated[w] for w in which if w in evaluated), None)
+        if field_name in refs and scores:
+            record_evaluation(_open_registry(cfg), refs[field_name], scores, fingerprint, str(run.path))
+            log_event(logger, "evaluation recorded in the registry", ref=refs[field_name])
 
 
 def _check_memory(cfg: SeektuneConfig) -> None:
@@ -536,7 +621,8 @@ def improvement(base: dict[str, float], tuned: dict[str, float]) -> dict[str, fl
 
 
 def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
-    """The whole loop: data, base evaluation, training, tuned evaluation, report."""
+    """The whole loop: data, base evaluation, training, tuned evaluation, compression, report, registry."""
+    cfg, refs = resolve_registry_refs(cfg)
     check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()
@@ -568,6 +654,7 @@ def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> Ru
             model = loaded = None  # the chain loads each model it needs; this one would only hold memory
             _compress(state, data, _compress_source(cfg, state.run.path / "model"))
         _finish(state)
+    _register(state.run, cfg, state.summary, refs, refs.get("model.name_or_path"))
     return state.run
 
 
@@ -608,6 +695,7 @@ def run_compress_stage(cfg: SeektuneConfig) -> RunDir:
     from seektune.compress.merge import model_folder
     from seektune.models.load import resolve_model_path
 
+    cfg, refs = resolve_registry_refs(cfg)
     compress = cfg.compress.model_copy(update={"enabled": True})
     cfg = cfg.model_copy(update={"compress": compress})
     if compress.source:  # the data is tokenised with the tokenizer of the model being compressed
@@ -615,11 +703,14 @@ def run_compress_stage(cfg: SeektuneConfig) -> RunDir:
     # only compression's own checks: the training method, a search's storage and the like play no part
     source = model_folder(Path(resolve_model_path(cfg.model)))
     plan_steps(cfg, source)  # what cannot run stops here, before a run directory exists
+    _check_registry(cfg)
     with open_run(cfg, "compress") as state:
         data = _prepare(state, need_train=needs_training_data(cfg))
         _require_test_split(data, needed_by=None)
         _compress(state, data, source)
         _finish(state)
+    parent = refs.get("compress.source") or (None if compress.source else refs.get("model.name_or_path"))
+    _register(state.run, cfg, state.summary, refs, parent)
     return state.run
 
 
@@ -631,6 +722,7 @@ def _load_trained(cfg: SeektuneConfig, model_dir: Any) -> Any:
 
 def run_tune_stage(cfg: SeektuneConfig, resume: bool = False) -> RunDir:
     """Prepare the data and search hyperparameters; the best trial's config and model end in the run."""
+    cfg, refs = resolve_registry_refs(cfg)
     cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": True})})
     check_stages_available(cfg)
     url = _previous_study(cfg, resume)
@@ -638,6 +730,7 @@ def run_tune_stage(cfg: SeektuneConfig, resume: bool = False) -> RunDir:
         data = _prepare(state)
         _search(state, data, url)
         _finish(state)
+    _register(state.run, cfg, state.summary, refs, refs.get("model.name_or_path"))
     return state.run
 
 
@@ -651,6 +744,7 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
 
 def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """Prepare the data and train, without evaluation (or, with `options.profile`, profile a few steps)."""
+    cfg, refs = resolve_registry_refs(cfg)
     check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()
@@ -661,12 +755,16 @@ def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) ->
         loaded = _load_base(state)
         _train(state, loaded, data, weights, checkpoint, options)
         _finish(state)
+    if not options.profile:
+        _register(state.run, cfg, state.summary, refs, refs.get("model.name_or_path"))
     return state.run
 
 
 def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
     """Evaluate the configured model (a base, a merged model or a run's `model` folder) on the test split;
-    with `eval.compare.with_model`, evaluate that model too and compare the two (A = the configured one)."""
+    with `eval.compare.with_model`, evaluate that model too and compare the two (A = the configured one).
+    A registered version (registry:NAME@REF) evaluated here gets the evaluation recorded in the registry."""
+    cfg, refs = resolve_registry_refs(cfg)
     other = cfg.eval.compare.with_model
     if other:
         _check_same_tokenizer(cfg, other)
@@ -682,6 +780,16 @@ def run_eval_stage(cfg: SeektuneConfig) -> RunDir:
             _evaluate_on_main(state, "b", loaded.model, loaded.tokenizer, data, _model_dirs(loaded.path))
         _finish_evaluation(state)
         _finish(state)
+    if refs and is_main_process():
+        unregistered = cfg.registry.model_copy(update={"enabled": False})  # an evaluation makes no model
+        _register(
+            state.run,
+            cfg.model_copy(update={"registry": unregistered}),
+            state.summary,
+            refs,
+            None,
+        )
+        _record_evaluations(state.run, cfg, refs)
     return state.run
 
 

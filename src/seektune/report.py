@@ -485,6 +485,29 @@ def _samples_section(samples: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _registry_section(versions: list[dict[str, Any]]) -> list[str]:
+    """The versions this run registered, as a lineage line and a table, with the next commands."""
+    chain = " → ".join(f"`{v['ref']}` ({v['kind']})" for v in versions)
+    lines = ["## Registry", "", f"Registered: {chain}.", ""]
+    rows = [
+        [
+            f"`{v['ref']}`",
+            v["kind"],
+            _fmt_value("perplexity", v["metrics"].get("perplexity")),
+            f"{v['size_bytes'] / 1e6:.2f}",
+        ]
+        for v in versions
+    ]
+    lines += [*_table(["Version", "Kind", "Perplexity", "Size MB"], rows, "llrr"), ""]
+    first = versions[0]["ref"]
+    lines += [
+        f"`seektune registry lineage {versions[-1]['ref']}` shows where it came from; "
+        f"`seektune registry promote {first} staging` puts it up for an A/B test.",
+        "",
+    ]
+    return lines
+
+
 def _environment_section(run: RunDir, command: str) -> list[str]:
     lines = ["## Environment", ""]
     env = _read_environment(run)
@@ -644,6 +667,8 @@ def render_report(run: RunDir, summary: dict[str, Any], loss_plot: str | None, e
         from seektune.compress.report import compress_markdown_section
 
         lines += compress_markdown_section(summary["compress"])
+    if summary.get("registry"):
+        lines += _registry_section(summary["registry"]["versions"])
     lines += _environment_section(run, info.get("command_verb", "run"))
     return "\n".join(lines).rstrip() + "\n"
 

@@ -24,11 +24,12 @@ from typing import Any
 
 from seektune.errors import UserError
 from seektune.models.fingerprint import base_fingerprint, read_fingerprint
-from seektune.serve.engine import Engine
+from seektune.serve.engine import Engine, peft_name
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# '@' and '+' for registered versions (quickstart@1.2.0+merged), served under their registry names.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 PEFT_CONFIG_FILE = "adapter_config.json"
 
 
@@ -180,7 +181,7 @@ class AdapterSet:
     def _checked_folder(self, name: str, path: Path, from_admin: bool) -> Path:
         if not ADAPTER_NAME.fullmatch(name) or name == "__base__":
             raise AdapterError(
-                f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_', ':' or '-'"
+                f"adapter name {name!r} is not allowed: use 1-128 letters, digits and . _ : @ + -"
             )
         if from_admin:
             if self.adapter_dir is None:
@@ -272,7 +273,7 @@ class AdapterSet:
                 "--set model.int8_kernel=torchao to serve adapters on an int8 base"
             )
         try:
-            model = load_adapter(self.engine.model, folder, adapter_name=name)
+            model = load_adapter(self.engine.model, folder, adapter_name=peft_name(name))
         except (RuntimeError, ValueError, KeyError) as exc:
             self._forget(name)
             lines = str(exc).splitlines() or [repr(exc)]
@@ -282,7 +283,9 @@ class AdapterSet:
                 f"({first.rstrip('.')}): serve it with the base it was trained on"
             ) from exc
         fused = [
-            n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper" and name in m.lora_A
+            n
+            for n, m in model.named_modules()
+            if type(m).__name__ == "ParamWrapper" and peft_name(name) in m.lora_A
         ]
         if fused:
             self.engine.model = model
@@ -295,6 +298,7 @@ class AdapterSet:
 
     def _detach(self, name: str) -> None:
         model: Any = self.engine.model
+        name = peft_name(name)
         if set(model.peft_config) == {name}:
             # PEFT cannot run a PeftModel left without adapters (its active adapter names the deleted
             # one): take the LoRA layers out and serve the plain base again, until the next load wraps it.
@@ -305,8 +309,8 @@ class AdapterSet:
     def _forget(self, name: str) -> None:
         """Remove what a failed load may have left behind."""
         model: Any = self.engine.model
-        if hasattr(model, "peft_config") and name in model.peft_config:
+        if hasattr(model, "peft_config") and peft_name(name) in model.peft_config:
             try:
                 self._detach(name)
             except (ValueError, KeyError):
-                model.peft_config.pop(name, None)
+                model.peft_config.pop(peft_name(name), None)

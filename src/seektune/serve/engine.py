@@ -29,10 +29,12 @@ and incremental detokenisation are done here per row, since they decide when a r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -52,6 +54,16 @@ from seektune.errors import UserError
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+def peft_name(served: str) -> str:
+    """The name an adapter served as `served` has inside PEFT, whose adapter names become module names
+    and may hold no '.' (registered versions are served as e.g. qa@1.2.0): the served name with every
+    other character than letters, digits, '_' and '-' made '_', and a short hash against collisions."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", served):
+        return served
+    digest = hashlib.sha256(served.encode(errors="surrogatepass")).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', served)}_{digest}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +315,7 @@ class _Sequence:
 
     @property
     def adapter_name(self) -> str:
-        return self.request.adapter or BASE_ADAPTER
+        return peft_name(self.request.adapter) if self.request.adapter else BASE_ADAPTER
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -605,7 +617,7 @@ class Engine:
         return admitted
 
     def _adapter_loaded(self, name: str) -> bool:
-        return _is_peft(self.model) and name in getattr(self.model, "peft_config", {})
+        return _is_peft(self.model) and peft_name(name) in getattr(self.model, "peft_config", {})
 
     def _prefill(self, requests: list[_Request]) -> _Batch:
         """One forward over the new prompts (left-padded to the longest), then each request's first tokens;
@@ -621,7 +633,12 @@ class Engine:
         echo = any(r.params.echo_logprobs for r in requests)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(
-            ids, mask, positions, cache, [r.adapter or BASE_ADAPTER for r in requests], all_logits=echo
+            ids,
+            mask,
+            positions,
+            cache,
+            [peft_name(r.adapter) if r.adapter else BASE_ADAPTER for r in requests],
+            all_logits=echo,
         )
         for i, request in enumerate(requests):
             if request.params.echo_logprobs:

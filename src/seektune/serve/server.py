@@ -55,12 +55,20 @@ def build_app(cfg: SeektuneConfig, model_or_run: str, adapters: dict[str, str]) 
     """Load the model MODEL_OR_RUN names (a run serves its compressed model, else its trained one), its
     adapters (serve.adapters, then `adapters`), and build the engine and the app on them."""
     from seektune.models.load import load_model  # lazy: torch and transformers
+    from seektune.serve.versions import resolve_served_versions
 
+    registered = resolve_served_versions(cfg, model_or_run, adapters)
+    cfg, model_or_run, adapters = registered.cfg, registered.model_or_run, registered.adapters
     serve = cfg.serve
     source = resolve_served_model(model_or_run)
-    for note in source.notes:
+    for note in [*registered.notes, *source.notes]:
         logger.info("%s", note)
     base_name = serve.served_model_name or source.base.rstrip("/").split("/")[-1]
+    if registered.served_name is not None:  # a registered version is served under its registered name
+        if source.adapter is not None:
+            source.name = registered.served_name
+        elif not serve.served_model_name:
+            base_name = registered.served_name
     wanted = {**serve.adapters, **adapters}
     if source.adapter is not None:  # MODEL_OR_RUN is an adapter: served beside its base, under its name
         if source.name in wanted or source.name == base_name:
