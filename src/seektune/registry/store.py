@@ -225,7 +225,7 @@ def _migrate(store: RegistryStore) -> None:
                     f"{current}; this one knows up to {HEAD_REVISION}): upgrade seektune"
                 )
             _upgrade(conn)
-            logger.info(
+            logger.debug(  # not worth a line on a user's terminal: a first use is a migration too
                 "registry %s migrated from %s to %s", store.shown_url, current or "empty", HEAD_REVISION
             )
 
