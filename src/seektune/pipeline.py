@@ -164,10 +164,11 @@ def _record_evaluations(run: RunDir, cfg: SeektuneConfig, refs: dict[str, str]) 
     metrics = json.loads(run.metrics_path.read_text(encoding="utf-8"))
     evaluated = metrics.get("eval") or {}
     fingerprint = (metrics.get("data") or {}).get("fingerprint")
+    store = _open_registry(cfg)
     for field_name, which in (("model.name_or_path", ("model", "a")), ("eval.compare.with_model", ("b",))):
         scores = next((evaluated[w] for w in which if w in evaluated), None)
         if field_name in refs and scores:
-            record_evaluation(_open_registry(cfg), refs[field_name], scores, fingerprint, str(run.path))
+            record_evaluation(store, refs[field_name], scores, fingerprint, str(run.path))
             log_event(logger, "evaluation recorded in the registry", ref=refs[field_name])
 
 

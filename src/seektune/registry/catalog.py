@@ -312,8 +312,8 @@ def lineage(store: RegistryStore, ref: str) -> dict[str, Any]:
             model = get_model(session, parsed.name)
             if model is None:
                 find_version(session, parsed)
-            roots = {id(_root(v)): _root(v) for v in model.versions}
-            return {"trees": [_tree_from(session, root, chain=[]) for root in roots.values()]}
+            roots = {root.id: root for root in map(_root, model.versions)}
+            return {"trees": [_tree_from(session, roots[key], chain=[]) for key in sorted(roots)]}
         version = find_version(session, parsed)
         chain = []
         node: ModelVersion | None = version

@@ -51,7 +51,6 @@ _STEP_KINDS = {
     "export": "gguf",
     "quantize": "quantised",
 }
-_ADAPTER_METHODS = ("lora", "dora", "qlora", "prefix", "adapter")
 _ROW_SKIP = ("label", "device", "change_vs_source", "change_vs_previous")
 _ATTEMPTS = 5  # an automatic version taken by a concurrent registration is retried with the next one
 
@@ -100,12 +99,12 @@ def _in_run(run: Path, recorded: str) -> Path:
     raise UserError(f"{recorded}, a model of run {run}, is missing: was the run directory cleaned?")
 
 
-def _model_kind(folder: Path, method: str | None) -> str:
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        return "adapter"
-    if (folder / "adapters.safetensors").is_file() or (folder / "prefix.safetensors").is_file():
-        return "adapter"
-    return "adapter" if method in _ADAPTER_METHODS and not (folder / "config.json").is_file() else "full"
+def _model_kind(folder: Path) -> str:
+    """adapter: weights applied on a base (PEFT, or seektune's bottleneck adapters and prefixes);
+    full: a model of its own (full fine-tuning, frozen layers)."""
+    peft = (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+    ours = (folder / "adapters.safetensors").is_file() or (folder / "prefix.safetensors").is_file()
+    return "adapter" if peft or ours else "full"
 
 
 def _row_metrics(row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -143,9 +142,7 @@ def read_run(run_dir: Path) -> RunRecord:
     products: list[Product] = []
     if (run_dir / "model").is_dir():
         evaluation = (metrics.get("eval") or {}).get("tuned")
-        products.append(
-            Product(run_dir / "model", _model_kind(run_dir / "model", method), method, None, evaluation)
-        )
+        products.append(Product(run_dir / "model", _model_kind(run_dir / "model"), method, None, evaluation))
     results = _read_json(run_dir / "compress" / "results.json")
     compress_source = None
     if results and results.get("status") == "completed":
