@@ -90,7 +90,8 @@ class ModelConfig(Section):
 
 SOURCE_FIELDS = (
     "messages", "conversations", "system", "instruction", "input", "output", "context", "response",
-    "prompt", "completion", "question", "answer", "text", "metadata", "label", "history",
+    "prompt", "completion", "question", "answer", "text", "metadata", "label", "history", "chosen",
+    "rejected",
 )  # fmt: skip
 PII_KINDS = ("email", "phone", "id_card", "bank_card", "ip", "secret")
 AUGMENT_METHODS = ("synonym", "swap", "delete", "insert", "reorder", "back_translation")
@@ -453,9 +454,44 @@ class MethodConfig(Section):
     prefix: PrefixConfig = Field(default_factory=PrefixConfig, description="Settings of 'prefix'.")
 
 
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair"]
+
+
+class PreferenceConfig(Section):
+    """Preference tuning (train.objective dpo, orpo or kto) with TRL, on prompt/chosen/rejected rows."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO/KTO: how far the model may move from the reference (higher: less); ORPO: the weight "
+        "of the odds-ratio term (TRL's beta, lambda in the paper).",
+    )
+    loss_type: DpoLoss = Field(
+        "sigmoid", description="DPO loss: sigmoid is the paper's; ipo, hinge, robust, ... are TRL's variants."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO robust/sigmoid: assumed share of flipped preference labels."
+    )
+    precompute_ref: bool = Field(
+        False,
+        description="DPO: compute the reference model's log-probabilities once before training, so no "
+        "reference copy stays in memory (full and freeze; LoRA's reference is the base without the adapter).",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable (chosen) answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable answers.")
+
+
 class TrainConfig(Section):
     """The optimisation loop."""
 
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="sft: next-token loss on the answers; dpo, orpo, kto: preference tuning (TRL) on rows "
+        "with a chosen and a rejected answer (see train.preference).",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Settings of the preference objectives."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(
         1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0)."
@@ -570,6 +606,50 @@ TuneMetric = Literal[
     "peak_memory_gb",
 ]
 Direction = Literal["minimize", "maximize"]
+
+
+class ReplayConfig(Section):
+    """Earlier training examples mixed into a continual-learning round, sampled by priority."""
+
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="The earlier data: its training split is the replay pool, its test split the old test "
+        "set. Empty: the data/ splits of the run that trained the registered start version.",
+    )
+    share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of the round's training examples that are replayed earlier ones (0: no replay).",
+    )
+    alpha: float = Field(
+        1.0,
+        ge=0,
+        description="Priority exponent: example i is drawn with p_i ∝ rank_i^-alpha, rank 1 being the "
+        "highest loss under the start model (0: uniform).",
+    )
+    max_pool: int | None = Field(
+        2000, ge=1, description="Most earlier training examples scored for priority (a seeded sample)."
+    )
+
+
+class ContinualConfig(Section):
+    """Incremental training of a model (usually a registered version) on new data without forgetting."""
+
+    enabled: bool = Field(False, description="Train as a continual-learning round (seektune train / run).")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay of earlier examples.")
+    trainable_share: float | None = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Layer freezing: only the top decoder layers (and the output head) holding about this "
+        "share of the parameters train; the rest stay frozen. None: as the method says.",
+    )
+    compare_plain: bool = Field(
+        True,
+        description="Also fine-tune the start model on the new data alone (no replay, no freezing) and "
+        "report forgetting on the old test set and learning on the new one for both.",
+    )
 
 
 class TuneConfig(Section):
@@ -1122,6 +1202,33 @@ def api_key_problem(key: str) -> str | None:
     return None
 
 
+class FeedbackConfig(Section):
+    """What the server records for the feedback loop (`POST /v1/feedback`, `seektune data from-feedback`)."""
+
+    enabled: bool = Field(
+        False, description="Record prompts, answers and user feedback in the feedback store."
+    )
+    store: Path | None = Field(
+        None,
+        description="SQLite file of the feedback store; None: feedback.db in seektune's user data folder.",
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="Personal-data masking applied before anything is stored (the data stage's detectors).",
+    )
+    max_pending: int = Field(
+        10_000,
+        ge=1,
+        description="Records waiting to be written; beyond it new ones are dropped (and counted in "
+        "/metrics), so recording never holds up a request.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class ServeConfig(Section):
     """The OpenAI-compatible server (`seektune serve`)."""
 
@@ -1162,6 +1269,7 @@ class ServeConfig(Section):
                 raise ValueError(problem)
         return value
 
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="Feedback recording.")
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long running requests may take to finish."
     )
@@ -1224,6 +1332,9 @@ class SeektuneConfig(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Search stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     compress: CompressConfig = Field(default_factory=CompressConfig, description="Compression stage.")
+    continual: ContinualConfig = Field(
+        default_factory=ContinualConfig, description="Continual learning (replay, layer freezing)."
+    )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Registry.")
 

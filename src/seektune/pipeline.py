@@ -487,7 +487,6 @@ def _train(
 ) -> Any:
     from seektune.models.methods import apply_method
     from seektune.train.checkpoints import ResumePoint, check_identity, checkpoint_identity
-    from seektune.train.trainer import train
 
     options = options or TrainOptions()
     identity = checkpoint_identity(state.cfg, data.report.get("fingerprint"))
@@ -500,20 +499,10 @@ def _train(
     model, trainable = apply_method(
         loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
     )
-    result = train(
-        state.cfg.train,
-        model,
-        loaded.tokenizer,
-        data,
-        state.run,
-        state.cfg.seed,
-        domain_weights=domain_weights,
-        checkpoint_identity=identity,
-        resume=resume,
-        profile=options.profile,
-        eval_cfg=state.cfg.eval,
-        system_prompt=state.cfg.data.system_prompt,
-    )
+    if state.cfg.train.objective != "sft":
+        result = _train_preference(state, model, loaded.tokenizer, data, identity, options)
+    else:
+        result = _train_sft(state, model, loaded.tokenizer, data, domain_weights, identity, resume, options)
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     if result.profile is not None:
         state.summary["profile"] = result.profile
@@ -528,6 +517,53 @@ def _train(
         state.run.update_metrics("timing", result.timing())
         state.run.write_json("train/history.json", result.history)
     return model
+
+
+def _train_sft(
+    state: RunContext,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    domain_weights: Any,
+    identity: dict[str, Any],
+    resume: Any,
+    options: TrainOptions,
+) -> Any:
+    from seektune.train.trainer import train
+
+    return train(
+        state.cfg.train,
+        model,
+        tokenizer,
+        data,
+        state.run,
+        state.cfg.seed,
+        domain_weights=domain_weights,
+        checkpoint_identity=identity,
+        resume=resume,
+        profile=options.profile,
+        eval_cfg=state.cfg.eval,
+        system_prompt=state.cfg.data.system_prompt,
+    )
+
+
+def _train_preference(
+    state: RunContext, model: Any, tokenizer: Any, data: Any, identity: dict[str, Any], options: TrainOptions
+) -> Any:
+    from seektune.train.preference import train_preference
+
+    if options.profile:
+        raise UserError("seektune train --profile profiles supervised training: set train.objective: sft")
+    return train_preference(
+        state.cfg.train,
+        model,
+        tokenizer,
+        data,
+        state.run,
+        state.cfg.seed,
+        max_length=state.cfg.data.max_length,
+        checkpoint_identity=identity,
+    )
 
 
 def _previous_study(cfg: SeektuneConfig, resume: bool) -> str | None:

@@ -35,7 +35,7 @@ def only(rule: str, **extra) -> CleanConfig:
 
 def test_rule_and_filter_names_in_order() -> None:
     assert CLEAN_RULES == ("unicode_nfkc", "strip_html", "remove_control", "fold_whitespace", "allowed_chars")
-    assert CLEAN_FILTERS == ("empty", "min_chars", "max_chars", "language")
+    assert CLEAN_FILTERS == ("empty", "same_answers", "min_chars", "max_chars", "language")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Record shapes: each one becomes the record schema's messages / text / metadata / label."""
 
+import json
+import re
+
 import pytest
 
 from seektune.data.formats import InvalidRecord, MissingField, has_answer, to_messages, to_record_fields
@@ -22,7 +25,7 @@ QA = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 )
 def test_every_conversation_shape_becomes_the_same_chat(row):
     assert to_messages(row) == QA
-    assert to_record_fields(row, {}) == (QA, "", {}, "")
+    assert to_record_fields(row, {}) == (QA, "", {}, "", "")
 
 
 def test_alpaca_input_is_appended_and_unknown_shapes_are_none():
@@ -42,7 +45,7 @@ def test_alpaca_with_system_and_history_in_order():
         "instruction": "3+3?",
         "output": "6",
     }
-    messages, text, _, _ = to_record_fields(row, {})
+    messages, text, _, _, _ = to_record_fields(row, {})
     assert [(m["role"], m["content"]) for m in messages] == [
         ("system", "Be brief."),
         ("user", "1+1?"),
@@ -91,7 +94,7 @@ def test_context_response_keeps_metadata_object_and_scalar_columns():
         "empty": "",
         "label": 1,
     }
-    _, _, metadata, label = to_record_fields(row, {})
+    _, _, metadata, label, _ = to_record_fields(row, {})
     assert metadata == {"domain": "legal", "difficulty": "hard", "category": "law", "id": 7}
     assert label == "1"
 
@@ -117,6 +120,7 @@ def test_text_is_a_document_with_its_columns_as_metadata():
         "长文本。",
         {"url": "https://x"},
         "news",
+        "",
     )
     # A seektune record of a document (empty messages) stays a document.
     assert to_record_fields({"messages": [], "text": "doc"}, {})[:2] == ([], "doc")
@@ -125,7 +129,7 @@ def test_text_is_a_document_with_its_columns_as_metadata():
 def test_fields_map_the_users_columns_before_the_shape_is_recognised():
     row = {"q": "Q", "a": "A", "topic": "math", "cls": "easy"}
     fields = {"instruction": "q", "output": "a", "label": "cls"}
-    assert to_record_fields(row, fields) == (QA, "", {"topic": "math"}, "easy")
+    assert to_record_fields(row, fields) == (QA, "", {"topic": "math"}, "easy", "")
     with pytest.raises(MissingField) as caught:
         to_record_fields({"q": "Q"}, {"instruction": "q", "output": "a"})
     assert (caught.value.field, caught.value.column, caught.value.keys) == ("output", "a", ["q"])
@@ -161,7 +165,7 @@ def test_numbers_become_text_and_answerless_conversations_are_kept():
 
 def test_column_wise_structs_from_a_classic_sequence_feature_are_lists_of_objects():
     sharegpt = {"conversations": {"from": ["human", "gpt"], "value": ["Q", "A"]}}
-    assert to_record_fields(sharegpt, {}) == (QA, "", {}, "")
+    assert to_record_fields(sharegpt, {}) == (QA, "", {}, "", "")
     openai = {"messages": {"role": ["user", "assistant"], "content": ["Q", "A"]}}
     assert to_messages(openai) == QA
     trl = {
@@ -187,7 +191,7 @@ def test_metadata_and_labels_that_json_cannot_hold_become_text():
         "nested": {"days": [datetime.date(2023, 1, 2)], "missing": float("nan")},
     }
     row = {"question": "Q", "answer": "A", "metadata": attached, "label": {"when": datetime.date(2024, 1, 2)}}
-    _, _, metadata, label = to_record_fields(row, {})
+    _, _, metadata, label, _ = to_record_fields(row, {})
     assert json.loads(json.dumps(metadata, allow_nan=False)) == {
         "day": "2024-05-06",
         "at": "2024-05-06T07:08:09",
@@ -205,3 +209,57 @@ def test_metadata_and_labels_that_json_cannot_hold_become_text():
 @pytest.mark.parametrize(("value", "label"), [(float("nan"), ""), (None, ""), (2.0, "2.0"), (False, "False")])
 def test_a_null_or_nan_label_is_no_label(value, label):
     assert to_record_fields({"question": "Q", "answer": "A", "label": value}, {})[3] == label
+
+
+CHOSEN = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Q", "chosen": "good", "rejected": "bad"},  # plain text (LLaMA-Factory's ranking form)
+        {  # TRL's conversational form
+            "prompt": [{"role": "user", "content": "Q"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },
+        {  # TRL's implicit prompt: whole conversations sharing their first turns
+            "chosen": CHOSEN,
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+        },
+        {
+            "prompt": json.dumps([{"role": "user", "content": "Q"}]),
+            "chosen": "good",
+            "rejected": "bad",
+        },  # CSV
+    ],
+)
+def test_every_preference_shape_becomes_the_chosen_chat_and_the_rejected_answer(row):
+    assert to_record_fields(row, {}) == (CHOSEN, "", {}, "", "bad")
+
+
+def test_preference_pairs_with_a_system_column_and_mapped_fields():
+    row = {"q": "Q", "good": "good", "bad": "bad", "system": "S", "topic": "x"}
+    messages, _, metadata, _, rejected = to_record_fields(
+        row, {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    )
+    assert messages == [{"role": "system", "content": "S"}, *CHOSEN]
+    assert (metadata, rejected) == ({"topic": "x"}, "bad")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "Q", "chosen": "good"}, "needs both 'chosen' and 'rejected'; this row has no 'rejected'"),
+        ({"prompt": "Q", "rejected": "bad"}, "this row has no 'chosen'"),
+        (
+            {"prompt": "Q", "chosen": "same", "rejected": " same "},
+            "'chosen' and 'rejected' are the same answer",
+        ),
+        ({"prompt": "Q", "chosen": "", "rejected": "bad"}, "'chosen' must be one non-empty assistant answer"),
+        ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "start with the same prompt"),
+    ],
+)
+def test_broken_preference_rows_say_what_is_wrong(row, message):
+    with pytest.raises(InvalidRecord, match=re.escape(message)):
+        to_record_fields(row, {})

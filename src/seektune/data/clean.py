@@ -6,7 +6,8 @@ blocks; entities through `html.unescape`), remove_control (control, zero-width a
 characters, BOM, soft hyphen), fold_whitespace (runs of spaces inside a line, trailing spaces, 3+
 newlines; the indentation at the start of a line is kept so that code stays valid), allowed_chars (a regex
 character class of what to keep). Filters, the first that applies names the removal (`CLEAN_FILTERS`):
-empty, min_chars, max_chars, language (lingua).
+empty, same_answers (a preference pair whose chosen and rejected answers are the same once cleaned),
+min_chars, max_chars, language (lingua). A preference pair's rejected answer is cleaned like its chosen one.
 
 unicode_nfkc in Chinese (and Japanese) text: NFKC would turn the full-width punctuation '，！：（）？；'
 into ASCII ',!:()?;', and a fine-tune would learn mixed punctuation. So in a text that holds a Han
@@ -54,7 +55,7 @@ from seektune.errors import UserError
 
 CLEAN_RULES = ("unicode_nfkc", "strip_html", "remove_control", "fold_whitespace", "allowed_chars")
 # Cheapest and most specific first; the language filter, the one slow step, runs on what is left.
-CLEAN_FILTERS = ("empty", "min_chars", "max_chars", "language")
+CLEAN_FILTERS = ("empty", "same_answers", "min_chars", "max_chars", "language")
 LANGUAGE_SAMPLE_CHARS = 400
 
 _RULE_BIT = {name: 1 << index for index, name in enumerate(CLEAN_RULES)}
@@ -361,6 +362,13 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
+def _pair_removal_reason(messages: list, rejected: str) -> str:
+    """Why a cleaned preference pair goes: its rejected answer is blank, or the same as the chosen one."""
+    if _is_blank(rejected):
+        return "empty"
+    return "same_answers" if rejected.strip() == messages[-1]["content"].strip() else ""
+
+
 def _removal_reason(messages: list, text: str, cfg: CleanConfig) -> str:
     """The first filter that removes this (cleaned) record, "" when it is kept; the language aside."""
     if messages:
@@ -407,15 +415,21 @@ def clean_batch(batch: dict[str, list], cfg: CleanConfig) -> dict[str, list]:
         languages = _allowed_languages(tuple(cfg.languages)) if cfg.languages else None
         all_messages = batch.get("messages") or [None] * n_rows
         texts = batch.get("text") or [""] * n_rows
-        new_messages, new_texts = [], []
+        all_rejected = batch.get("rejected") or [""] * n_rows
+        new_messages, new_texts, new_rejected = [], [], []
         for row in range(n_rows):
             messages, text, mask = _clean_record(all_messages[row], texts[row], plan)
+            rejected, rejected_mask = _clean(all_rejected[row], plan) if all_rejected[row] else ("", 0)
+            mask |= rejected_mask
             new_messages.append(messages)
             new_texts.append(text)
+            new_rejected.append(rejected)
             if mask:
                 changed_by[row] = _join_names(changed_by[row], _RULE_NAMES_BY_MASK[mask])
             if not removed_by[row]:
                 removed_by[row] = _removal_reason(messages, text, cfg)
+            if not removed_by[row] and all_rejected[row]:
+                removed_by[row] = _pair_removal_reason(messages, rejected)
             if languages and not removed_by[row]:
                 whole = record_text({"messages": messages, "text": text})
                 if language_confidence(whole, languages) < cfg.language_min_confidence:
@@ -424,5 +438,7 @@ def clean_batch(batch: dict[str, list], cfg: CleanConfig) -> dict[str, list]:
             out["messages"] = new_messages
         if "text" in batch:
             out["text"] = new_texts
+        if "rejected" in batch:
+            out["rejected"] = new_rejected
     out.update(changed_by=changed_by, removed_by=removed_by)
     return out

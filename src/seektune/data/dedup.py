@@ -73,7 +73,7 @@ _PUNCTUATION = regex.compile(r"\p{P}+")
 # The same set for ASCII-only text, deleted by bytes.translate (ten times as fast as the regex).
 _ASCII_PUNCTUATION = bytes(c for c in range(128) if _PUNCTUATION.match(chr(c)))
 _HELD_OUT = ("test", "validation")  # visited first, in this order
-_TEXT_COLUMNS = ["messages", "text"]
+_TEXT_COLUMNS = ["messages", "text", "rejected"]
 _MIN_ROWS_PER_PROCESS = 10_000
 _GATHER_ROWS = 2_000_000  # rows of a selection gathered into memory at once (~0.5 GB of chat text)
 # datasketch's default permutation scheme (2.x): 32-bit affine permutations, uint32 signatures.
@@ -153,9 +153,10 @@ def _is_cjk(character: str) -> bool:
 
 
 def _batch_texts(batch: dict[str, list]) -> list[str]:
+    rejected_answers = batch.get("rejected") or [""] * len(batch["text"])
     return [
-        normalise_for_dedup(record_text({"messages": messages, "text": text}))
-        for messages, text in zip(batch["messages"], batch["text"], strict=True)
+        normalise_for_dedup(record_text({"messages": messages, "text": text, "rejected": rejected}))
+        for messages, text, rejected in zip(batch["messages"], batch["text"], rejected_answers, strict=True)
     ]
 
 

@@ -1,7 +1,13 @@
 """Record shapes recognised in user data, normalised to the fields of the record schema (`records.py`).
 
-A row (one JSON object, CSV row, Parquet or Arrow row) becomes `(messages, text, metadata, label)`:
+A row (one JSON object, CSV row, Parquet or Arrow row) becomes `(messages, text, metadata, label,
+rejected)`:
 
+* a preference pair (`chosen` and `rejected`, as TRL and LLaMA-Factory write them): `prompt` (text or a list
+  of messages) plus the chosen answer become `messages`, the rejected answer `rejected`. The answers are
+  text or lists of messages (TRL's conversational form: the assistant turns after the prompt); without a
+  `prompt`, both are whole conversations and their shared first turns are the prompt. A row with `chosen`
+  but no `rejected` (or the reverse), an empty answer, or the same answer twice raises `InvalidRecord`;
 * conversation shapes, tried in this order, give `messages` (`{role, content}`, roles system/user/assistant):
   OpenAI `messages` (role/content), ShareGPT `conversations` (from/value: human, gpt, system, ...),
   alpaca `instruction`/`input`/`output` (+ `history`, a list of [question, answer] pairs as in
@@ -54,7 +60,8 @@ MAX_METADATA_CHARS = 200
 _NOT_METADATA = frozenset(SOURCE_FIELDS) | {"history"}
 SHAPES_EXPECTED = (
     "messages (OpenAI role/content), conversations (ShareGPT from/value), instruction+output (alpaca), "
-    "context+response, prompt+completion, question+answer, or text (a document)"
+    "prompt+chosen+rejected (a preference pair), context+response, prompt+completion, question+answer, "
+    "or text (a document)"
 )
 
 Messages = list[dict[str, str]]
@@ -72,10 +79,15 @@ class InvalidRecord(Exception):
     """A row of a recognised shape whose content cannot become a record; the message says why."""
 
 
-def to_record_fields(row: dict[str, Any], fields: dict[str, str]) -> tuple[Messages, str, dict, str] | None:
-    """(messages, text, metadata, label) of a row, or None when its shape is not recognised."""
+def to_record_fields(
+    row: dict[str, Any], fields: dict[str, str]
+) -> tuple[Messages, str, dict, str, str] | None:
+    """(messages, text, metadata, label, rejected) of a row, or None when its shape is not recognised."""
     if fields:
         row = apply_fields(row, fields)
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        messages, rejected = _preference_pair(row)
+        return messages, "", _metadata(row), _label(row.get("label")), rejected
     messages = _conversation(row)
     text = ""
     if messages is None:
@@ -85,7 +97,50 @@ def to_record_fields(row: dict[str, Any], fields: dict[str, str]) -> tuple[Messa
                 raise InvalidRecord("the conversation has no turns")
             return None
         messages, text = [], document
-    return messages, text, _metadata(row), _label(row.get("label"))
+    return messages, text, _metadata(row), _label(row.get("label")), ""
+
+
+def _preference_pair(row: dict[str, Any]) -> tuple[Messages, str]:
+    """(prompt + chosen answer as messages, the rejected answer) of a preference row."""
+    missing = [key for key in ("chosen", "rejected") if row.get(key) is None]
+    if missing:
+        raise InvalidRecord(
+            f"a preference pair needs both 'chosen' and 'rejected'; this row has no '{missing[0]}'"
+        )
+    chosen, rejected = _answer_turns(row["chosen"], "chosen"), _answer_turns(row["rejected"], "rejected")
+    prompt = row.get("prompt")
+    if prompt is None:  # implicit prompt: two whole conversations that share their first turns
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        turns, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not turns:
+            raise InvalidRecord("a preference pair without 'prompt' needs chosen and rejected conversations "
+                                "that start with the same prompt turns")  # fmt: skip
+    else:
+        listed = _as_list(_rows_if_columnar(prompt), "prompt")
+        turns = _chat_turns(listed, "prompt") if listed is not None else [_turn("user", prompt, "prompt")]
+    system = row.get("system")
+    if system is not None and (not turns or turns[0]["role"] != "system"):
+        system = _content(system, "the system column")
+        if system.strip():
+            turns.insert(0, {"role": "system", "content": system})
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if len(answer) != 1 or answer[0]["role"] != "assistant" or not answer[0]["content"].strip():
+            raise InvalidRecord(f"'{key}' must be one non-empty assistant answer")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise InvalidRecord(
+            "'chosen' and 'rejected' are the same answer: a preference pair needs two different ones"
+        )
+    return [*turns, chosen[0]], rejected[0]["content"]
+
+
+def _answer_turns(value: Any, key: str) -> Messages:
+    """An answer column as messages: text is one assistant turn, a list is a conversation."""
+    listed = _as_list(_rows_if_columnar(value), key)
+    if listed is None:
+        return [_turn("assistant", value, key)]
+    return _chat_turns(listed, key)
 
 
 def apply_fields(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:

@@ -195,8 +195,9 @@ def _record_of(
             f"unrecognised record shape, the row has {_keys(row)}; expected {SHAPES_EXPECTED}: "
             "name your columns with data.sources[].fields (e.g. {instruction: question, output: answer})",
         )
-    messages, text, metadata, label = fields
+    messages, text, metadata, label, rejected = fields
     return make_record(
+        rejected=rejected,
         messages=messages,
         text=text,
         source=source,

@@ -512,6 +512,10 @@ def _materialised(dataset: Dataset) -> Dataset:
 def readable_record(record: dict[str, Any]) -> dict[str, Any]:
     """A record as a person reads it in `<split>.jsonl`: the chat or the document, then where it came from."""
     row: dict[str, Any] = {"messages": record["messages"]} if record["messages"] else {"text": record["text"]}
+    if record.get("rejected"):  # a preference pair in TRL's conversational form
+        *prompt, chosen = record["messages"]
+        rejected = {"role": "assistant", "content": record["rejected"]}
+        row = {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
     row["source"] = record["source"]
     row["origin"] = record["origin"]
     metadata = json.loads(record["metadata"] or "{}")

@@ -469,7 +469,7 @@ def mask_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, dict[str
 
 
 # The columns whose text is masked, in the order privacy_batch unpacks them.
-_MASKED_COLUMNS = ("messages", "text", "label", "metadata")
+_MASKED_COLUMNS = ("messages", "text", "label", "metadata", "rejected")
 
 
 def _add_reason(existing: str, reason: str) -> str:
@@ -520,9 +520,9 @@ def _mask_metadata(metadata: str, kinds: tuple[str, ...]) -> tuple[str, dict[str
 
 
 def _mask_record(
-    messages: list, text: str, label: str, metadata: str, kinds: tuple[str, ...]
-) -> tuple[list, str, str, str, dict[str, int]]:
-    """The record's messages, text, label and metadata masked, and the finds per kind in them."""
+    messages: list, text: str, label: str, metadata: str, kinds: tuple[str, ...], rejected: str = ""
+) -> tuple[list, str, str, str, str, dict[str, int]]:
+    """The record's messages, text, label, metadata and rejected answer masked, and the finds per kind."""
     # One screening of the whole record first: the pre-checks cost per call, and most records hold no
     # PII. Finds never cross the newlines, so no find in the joined text means none in any part. Metadata
     # JSON without a backslash (no escapes) holds its strings as they are, between quotes that no detector
@@ -531,9 +531,9 @@ def _mask_record(
     parts = [message["content"] or "" for message in messages]
     has_metadata = metadata != "{}" and metadata != ""
     if not has_metadata or "\\" not in metadata:
-        screened = [*parts, text, label, metadata] if has_metadata else [*parts, text, label]
+        screened = [*parts, text, label, rejected, *([metadata] if has_metadata else [])]
         if not _find_spans("\n".join(screened), kinds):
-            return messages, text, label, metadata, {}
+            return messages, text, label, metadata, rejected, {}
     counts: dict[str, int] = {}
     masked_messages = list(messages)
     for index, content in enumerate(parts):
@@ -545,14 +545,17 @@ def _mask_record(
     _add_counts(counts, found)
     label, found = _mask(label, kinds)
     _add_counts(counts, found)
+    rejected, found = _mask(rejected, kinds)
+    _add_counts(counts, found)
     if has_metadata:
         metadata, found = _mask_metadata(metadata, kinds)
         _add_counts(counts, found)
-    return masked_messages, text, label, metadata, counts
+    return masked_messages, text, label, metadata, rejected, counts
 
 
 def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]:
-    """Mask personal and secret data in every message, `text`, `label` and `metadata` value of a batch.
+    """Mask personal and secret data in every message, `text`, `label`, `rejected` and `metadata` value
+    of a batch.
 
     Adds the column `pii` ("email:1,phone:2" per record, "" when none) and extends `removed_by` (with
     action 'drop', a record with any find gets "privacy" unless it already has a reason) and `changed_by`
@@ -571,17 +574,21 @@ def privacy_batch(batch: dict[str, list], cfg: PrivacyConfig) -> dict[str, list]
     if cfg.enabled and cfg.detectors:
         kinds = _ordered_kinds(cfg.detectors)
         columns = {name: list(batch.get(name) or [None] * n_rows) for name in _MASKED_COLUMNS}
-        all_messages, texts, labels, metadata = (columns[name] for name in _MASKED_COLUMNS)
+        all_messages, texts, labels, metadata, rejected = (columns[name] for name in _MASKED_COLUMNS)
         for row in range(n_rows):
             if removed_by[row]:
                 continue
-            masked = _mask_record(
-                all_messages[row] or [], texts[row] or "", labels[row] or "", metadata[row] or "", kinds
+            *masked, counts = _mask_record(
+                all_messages[row] or [],
+                texts[row] or "",
+                labels[row] or "",
+                metadata[row] or "",
+                kinds,
+                rejected[row] or "",
             )
-            counts = masked[-1]
             if not counts:
                 continue
-            all_messages[row], texts[row], labels[row], metadata[row] = masked[:-1]
+            all_messages[row], texts[row], labels[row], metadata[row], rejected[row] = masked
             pii[row] = ",".join(f"{kind}:{counts[kind]}" for kind in PII_KINDS if kind in counts)
             changed_by[row] = _add_reason(changed_by[row], "privacy")
             if cfg.action == "drop":

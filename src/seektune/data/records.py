@@ -5,6 +5,8 @@ for continued pre-training); the other field is empty. The bookkeeping columns s
 (`source`, `origin` = "file:line"), what the user attached (`metadata` as a JSON object in text, `label`),
 which split it belongs to ("" until the split step assigns one; sources with their own split set it at
 load time) and whether it is an augmented copy (`augmented` names the method, "" for originals).
+A preference pair is a conversation whose last assistant turn is the chosen answer, with the rejected
+answer in `rejected` ("" for every other record).
 
 Steps work on batches (`dict[column, list]`) so that each one runs inside `Dataset.map(batched=True,
 num_proc=...)` over memory-mapped Arrow data, and can be called directly on a small batch in tests.
@@ -27,6 +29,7 @@ RECORD_FEATURES = Features(
         "label": Value("string"),
         "split": Value("string"),
         "augmented": Value("string"),
+        "rejected": Value("string"),
     }
 )
 COLUMNS = tuple(RECORD_FEATURES)
@@ -42,6 +45,7 @@ def make_record(
     label: str = "",
     split: str = "",
     augmented: str = "",
+    rejected: str = "",
 ) -> dict[str, Any]:
     """A record with every column filled (`metadata` serialised to JSON)."""
     return {
@@ -53,13 +57,17 @@ def make_record(
         "label": label,
         "split": split,
         "augmented": augmented,
+        "rejected": rejected,
     }
 
 
 def record_text(record: dict[str, Any]) -> str:
-    """All the text of a record (message contents joined by newlines, or the document)."""
+    """All the text of a record (message contents joined by newlines, then a rejected answer; or the
+    document)."""
     if record["messages"]:
-        return "\n".join(m["content"] for m in record["messages"])
+        parts = [m["content"] for m in record["messages"]]
+        rejected = record.get("rejected")
+        return "\n".join([*parts, rejected] if rejected else parts)
     return record["text"]
 
 
@@ -68,7 +76,7 @@ def field_value(record: dict[str, Any], field: str) -> str:
     if field.startswith("metadata."):
         value = json.loads(record["metadata"] or "{}").get(field.split(".", 1)[1])
         return "" if value is None else str(value)
-    if field in ("label", "source", "split", "augmented", "origin"):
+    if field in ("label", "source", "split", "augmented", "origin", "rejected"):
         return record[field] or ""
     raise ValueError(f"unknown record field {field!r}: use label, source or metadata.<key>")
 

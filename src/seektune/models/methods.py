@@ -408,3 +408,9 @@ def _targets_as_named() -> Iterator[None]:
 
 def _leave_config_as_is(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def adding_lora_adapters() -> Any:
+    """A context in which PEFT adds LoRA adapters to a seektune model with its targets read as named (a
+    second adapter, e.g. TRL's reference copy 'ref' of preference tuning)."""
+    return _targets_as_named()

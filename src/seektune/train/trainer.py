@@ -544,7 +544,9 @@ def _save_base_fingerprint(model: Any, folder: Path, main: bool) -> None:
     write_fingerprint(folder, model)
 
 
-def _history(log_history: list[dict[str, Any]], task_key: str | None = None) -> list[dict[str, Any]]:
+def _history(
+    log_history: list[dict[str, Any]], task_key: str | None = None, more: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     keep = (
         "step",
         "epoch",
@@ -556,6 +558,8 @@ def _history(log_history: list[dict[str, Any]], task_key: str | None = None) -> 
         "mfu",
         "peak_memory_gb",
         *([task_key] if task_key else []),
+        *more,
+        *(f"eval_{key}" for key in more),
     )
     rows = []
     for entry in log_history:

@@ -337,17 +337,31 @@ class _Search:
         )
         # Optuna keeps intermediate values (the pruners' input) for one objective only.
         reporter = [PruningReporter(trial)] if len(self.cfg.tune.metrics()) == 1 else []
-        result = train(
-            cfg.train,
-            model,
-            loaded.tokenizer,
-            data,
-            run,
-            cfg.seed,
-            callbacks=reporter,
-            eval_cfg=cfg.eval,
-            system_prompt=cfg.data.system_prompt,
-        )
+        if cfg.train.objective != "sft":  # the validation loss is the preference objective's
+            from seektune.train.preference import train_preference
+
+            result = train_preference(
+                cfg.train,
+                model,
+                loaded.tokenizer,
+                data,
+                run,
+                cfg.seed,
+                cfg.data.max_length,
+                callbacks=reporter,
+            )
+        else:
+            result = train(
+                cfg.train,
+                model,
+                loaded.tokenizer,
+                data,
+                run,
+                cfg.seed,
+                callbacks=reporter,
+                eval_cfg=cfg.eval,
+                system_prompt=cfg.data.system_prompt,
+            )
         trial.set_user_attr("steps", result.steps)
         metrics = {
             "eval_loss": result.eval_loss,
