@@ -77,12 +77,54 @@ def check_stages_available(cfg: SeektuneConfig, compresses: bool = False) -> Non
         from seektune.compress.chain import check_compress_config
 
         check_compress_config(cfg)
+    if cfg.continual.enabled:
+        _check_continual(cfg)
     if cfg.tune.enabled:
         from seektune.tune.study import check_space, open_storage
 
         check_space(cfg)
         if cfg.tune.storage:
             open_storage(cfg.tune.storage)  # a storage that cannot open stops before any run directory
+
+
+def _check_continual(cfg: SeektuneConfig) -> None:
+    problem = (
+        "train.objective sft (replay mixes earlier supervised examples)" if cfg.train.objective != "sft" else
+        "data.packing: false (replay draws single examples by their loss)" if cfg.data.packing else
+        "tune.enabled: false (a round compares itself with plain fine-tuning, not with trials)"
+        if cfg.tune.enabled else None
+    )  # fmt: skip
+    if problem:
+        raise UserError(f"continual.enabled needs {problem}")
+    if not cfg.continual.replay.sources:
+        raise UserError(
+            "continual.replay.sources is empty and model.name_or_path is not a registered version whose run "
+            "directory still holds its data: name the earlier data (its train and test files) in "
+            "continual.replay.sources, or start from registry:NAME@VERSION"
+        )
+
+
+def with_replay_sources(cfg: SeektuneConfig, refs: dict[str, str]) -> SeektuneConfig:
+    """A continual round from a registered version with no replay sources replays the data of the run
+    that trained it (`<run>/data/train.jsonl` and `test.jsonl`), when that run directory still has them."""
+    ref = refs.get("model.name_or_path")
+    if not cfg.continual.enabled or cfg.continual.replay.sources or ref is None:
+        return cfg
+    from seektune.config import SourceConfig
+    from seektune.registry.catalog import show_version
+
+    run_dir = show_version(_open_registry(cfg), ref).get("run_dir")
+    data_dir = RunDir(Path(run_dir)).data_dir if run_dir else None
+    if data_dir is None or not (data_dir / "train.jsonl").is_file():
+        return cfg
+    sources = [
+        SourceConfig(path=str(data_dir / f"{split}.jsonl"), name=f"replay-{split}", split=split)
+        for split in ("train", "test")
+        if (data_dir / f"{split}.jsonl").is_file()
+    ]
+    log_event(logger, "continual: replaying the registered version's data", version=ref, data=str(data_dir))
+    replay = cfg.continual.replay.model_copy(update={"sources": sources})
+    return cfg.model_copy(update={"continual": cfg.continual.model_copy(update={"replay": replay})})
 
 
 def _check_registry(cfg: SeektuneConfig) -> None:
@@ -496,13 +538,18 @@ def _train(
         resume = ResumePoint(checkpoint, int(checkpoint.name.rsplit("-", 1)[1]), new_data)
         state.summary["run"]["resumed_from"] = str(checkpoint)
         log_event(logger, "resuming", checkpoint=str(checkpoint), new_data=new_data)
-    model, trainable = apply_method(
-        loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
-    )
-    if state.cfg.train.objective != "sft":
-        result = _train_preference(state, model, loaded.tokenizer, data, identity, options)
+    if state.cfg.continual.enabled:
+        model, result, trainable = _train_continual(state, loaded, data, identity)
     else:
-        result = _train_sft(state, model, loaded.tokenizer, data, domain_weights, identity, resume, options)
+        model, trainable = apply_method(
+            loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
+        )
+        if state.cfg.train.objective != "sft":
+            result = _train_preference(state, model, loaded.tokenizer, data, identity, options)
+        else:
+            result = _train_sft(
+                state, model, loaded.tokenizer, data, domain_weights, identity, resume, options
+            )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     if result.profile is not None:
         state.summary["profile"] = result.profile
@@ -517,6 +564,39 @@ def _train(
         state.run.update_metrics("timing", result.timing())
         state.run.write_json("train/history.json", result.history)
     return model
+
+
+def _train_continual(state: RunContext, loaded: Any, data: Any, identity: dict[str, Any]) -> tuple:
+    """A continual-learning round: the earlier data prepared beside the new (`<run>/data/replay`), then
+    replay + layer freezing, and plain fine-tuning to compare (`seektune.train.continual`)."""
+    from seektune.data.prepare import prepare_data
+    from seektune.train.continual import continual_round
+
+    cfg = state.cfg
+    _require_test_split(data, "continual.enabled: false")  # learning is measured on it
+    old_cfg = cfg.data.model_copy(
+        update={
+            "sources": cfg.continual.replay.sources,
+            "validation_ratio": 0.0,
+            "max_train_samples": cfg.continual.replay.max_pool,
+            "augment": cfg.data.augment.model_copy(update={"enabled": False}),
+            "mix": type(cfg.data.mix)(),
+            "balance": type(cfg.data.balance)(),
+        }
+    )
+    old = prepare_data(old_cfg, loaded.tokenizer, cfg.seed, state.run.data_dir / "replay")
+    if len(old.tokenized["test"]) == 0:
+        raise UserError(
+            "continual learning measures forgetting on the earlier data's test split, and "
+            "continual.replay.sources gave none: give a test file (split: test) or raise data.test_ratio"
+        )
+    model, result, summary = continual_round(cfg, state.run, loaded, data, old, identity)
+    state.summary["continual"] = summary
+    if is_main_process():
+        state.run.update_metrics("continual", summary)
+    from seektune.models.methods import count_parameters
+
+    return model, result, count_parameters(model)
 
 
 def _train_sft(
@@ -660,6 +740,7 @@ def improvement(base: dict[str, float], tuned: dict[str, float]) -> dict[str, fl
 def run_pipeline(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """The whole loop: data, base evaluation, training, tuned evaluation, compression, report, registry."""
     cfg, refs = resolve_registry_refs(cfg)
+    cfg = with_replay_sources(cfg, refs)
     check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()
@@ -782,6 +863,7 @@ def run_data_stage(cfg: SeektuneConfig) -> RunDir:
 def run_train_stage(cfg: SeektuneConfig, options: TrainOptions | None = None) -> RunDir:
     """Prepare the data and train, without evaluation (or, with `options.profile`, profile a few steps)."""
     cfg, refs = resolve_registry_refs(cfg)
+    cfg = with_replay_sources(cfg, refs)
     check_stages_available(cfg, compresses=cfg.compress.enabled)
     _check_memory(cfg)
     options = options or TrainOptions()

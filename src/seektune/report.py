@@ -384,6 +384,12 @@ def _training_section(train: dict[str, Any], loss_plot: str | None) -> list[str]
         lines.append(f"- Final train loss: {_fmt_num(train.get('train_loss'))}")
     if "eval_loss" in train:
         lines.append(f"- Final validation loss: {_fmt_num(train.get('eval_loss'))}")
+    if _is_number(train.get("test_rewards/accuracies")):
+        lines.append(
+            f"- Test preference pairs ranked right (chosen above rejected): "
+            f"{_fmt_pct(train['test_rewards/accuracies'])}, mean reward margin "
+            f"{_fmt_num(train.get('test_rewards/margins'))}"
+        )
     lines.append("")
     if loss_plot:
         lines += [f"![loss]({loss_plot})", ""]
@@ -661,6 +667,10 @@ def render_report(run: RunDir, summary: dict[str, Any], loss_plot: str | None, e
         lines += _search_section(summary["tune"])
     if summary.get("train"):
         lines += _training_section(summary["train"], loss_plot)
+    if summary.get("continual"):
+        from seektune.train.continual import continual_markdown_section
+
+        lines += continual_markdown_section(summary["continual"])
     if summary.get("eval"):
         lines += _evaluation_section(summary["eval"], eval_plot)
     if summary.get("compress"):
