@@ -109,7 +109,10 @@ def test_sft_rows_for_dpo_are_refused_before_training(tmp_path, base_cache):
             {"prompt": "Q", "chosen": "same", "rejected": "same"},
             "'chosen' and 'rejected' are the same answer",
         ),
-        ({"prompt": "Q", "chosen": "good"}, "needs both 'chosen' and 'rejected'; this row has no 'rejected'"),
+        (
+            {"prompt": "Q", "chosen": "good"},
+            "a preference pair needs both 'chosen' and 'rejected'; this row has no 'rejected'",
+        ),
     ],
 )
 def test_a_broken_pair_stops_the_data_stage_with_its_line(tmp_path, base_cache, row, message):
