@@ -527,7 +527,7 @@ def _train(
     checkpoint: Any = None,
     options: TrainOptions | None = None,
 ) -> Any:
-    from seektune.models.methods import apply_method
+    from seektune.models.methods import make_trainable
     from seektune.train.checkpoints import ResumePoint, check_identity, checkpoint_identity
 
     options = options or TrainOptions()
@@ -541,7 +541,7 @@ def _train(
     if state.cfg.continual.enabled:
         model, result, trainable = _train_continual(state, loaded, data, identity)
     else:
-        model, trainable = apply_method(
+        model, trainable = make_trainable(
             loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
         )
         if state.cfg.train.objective != "sft":

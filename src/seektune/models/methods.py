@@ -294,6 +294,28 @@ def _wrap_lora(model: nn.Module, lora: LoraConfig, family: FamilyPreset, use_dor
         raise UserError(f"method.lora.target_modules {targets!r} rejected by PEFT: {first_line}") from exc
 
 
+def make_trainable(
+    model: Any, method: MethodConfig, family: FamilyPreset, gradient_checkpointing: bool = False
+) -> tuple[Any, TrainableSummary]:
+    """`apply_method` on a model that may already carry an adapter (a run that starts from a trained
+    version): with LoRA/DoRA a loaded LoRA adapter keeps training (its own weights, the base frozen);
+    with another method it is merged into its base first. Bottleneck adapters and prefixes cannot
+    train further."""
+
+    if isinstance(model, peft.PeftModel):
+        if method.name in ("lora", "dora"):
+            for name, param in model.named_parameters():
+                param.requires_grad_("lora_" in name)
+            return model, count_parameters(model)
+        model = model.merge_and_unload()
+    elif getattr(model, "seektune_adapter_config", None) or getattr(model, "seektune_prefix_config", None):
+        raise UserError(
+            "training starts from a full model or a LoRA/DoRA adapter; a bottleneck-adapter or prefix "
+            "model cannot be trained further: start from its base"
+        )
+    return apply_method(model, method, family, gradient_checkpointing)
+
+
 def fused_expert_parameters(model: nn.Module) -> list[str]:
     """Names of the routed experts' fused weights: the 3-D parameters held directly by modules whose name
     ends with 'experts' (e.g. model.layers.1.mlp.experts.gate_up_proj); [] for a dense model."""

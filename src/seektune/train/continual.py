@@ -143,27 +143,6 @@ def _rows(tokenized: Any) -> list[dict[str, list[int]]]:
     return tokenized.select_columns(["input_ids", "labels"]).to_list()
 
 
-def trainable_start(model: Any, method: Any, family: Any, gradient_checkpointing: bool) -> Any:
-    """The start model made trainable by the method; a LoRA/DoRA adapter the round starts from keeps
-    training (its own weights), another adapter is merged into its base first."""
-    import peft
-
-    from seektune.models.methods import apply_method, count_parameters
-
-    if isinstance(model, peft.PeftModel):
-        if method.name in ("lora", "dora"):
-            for name, param in model.named_parameters():
-                param.requires_grad_("lora_" in name)
-            return model, count_parameters(model)
-        model = model.merge_and_unload()
-    elif getattr(model, "seektune_adapter_config", None) or getattr(model, "seektune_prefix_config", None):
-        raise UserError(
-            "continual learning starts from a full model or a LoRA/DoRA adapter; a bottleneck-adapter or "
-            "prefix version cannot be trained further: start from its base"
-        )
-    return apply_method(model, method, family, gradient_checkpointing)
-
-
 def _mixed(data: Any, replay_rows: Any) -> Any:
     from datasets import concatenate_datasets
 
@@ -183,6 +162,7 @@ def continual_round(cfg: Any, run: Any, loaded: Any, data: Any, old: Any, identi
     `TrainResult`, the round's summary)."""
     import copy
 
+    from seektune.models.methods import make_trainable
     from seektune.rundir import RunDir
     from seektune.train.trainer import train
 
@@ -210,7 +190,7 @@ def continual_round(cfg: Any, run: Any, loaded: Any, data: Any, old: Any, identi
         "replayed_mean_loss": round(float(losses[picked].mean()), 4) if picked else None,
     }
     log_event(logger, "replay sampled", **summary["replay"])
-    model, _ = trainable_start(loaded.model, cfg.method, loaded.family, cfg.train.gradient_checkpointing)
+    model, _ = make_trainable(loaded.model, cfg.method, loaded.family, cfg.train.gradient_checkpointing)
     if settings.trainable_share is not None:
         summary["freezing"] = freeze_below_top_layers(model, settings.trainable_share).to_dict()
     mixed = _mixed(data, pool.select(picked)) if picked else data
@@ -218,7 +198,7 @@ def continual_round(cfg: Any, run: Any, loaded: Any, data: Any, old: Any, identi
                    eval_cfg=cfg.eval, system_prompt=cfg.data.system_prompt)  # fmt: skip
     summary["perplexity"]["continual"] = measure(model)
     if plain_start is not None:
-        plain, _ = trainable_start(plain_start, cfg.method, loaded.family, cfg.train.gradient_checkpointing)
+        plain, _ = make_trainable(plain_start, cfg.method, loaded.family, cfg.train.gradient_checkpointing)
         plain_run = RunDir.create_at(run.path / "continual" / "plain")
         train(cfg.train, plain, tokenizer, data, plain_run, cfg.seed, eval_cfg=cfg.eval, save=False,
               system_prompt=cfg.data.system_prompt)  # fmt: skip

@@ -322,7 +322,7 @@ class _Search:
 
         from seektune.data.prepare import prepare_data
         from seektune.models.load import load_model
-        from seektune.models.methods import apply_method
+        from seektune.models.methods import make_trainable
         from seektune.train.plan import check_fits
         from seektune.train.trainer import train
 
@@ -332,7 +332,7 @@ class _Search:
             data = prepare_data(cfg.data, self.tokenizer, cfg.seed, run.data_dir)
         set_seed(cfg.seed)
         loaded = load_model(cfg.model, four_bit=cfg.method.name == "qlora")
-        model, counts = apply_method(
+        model, counts = make_trainable(
             loaded.model, cfg.method, loaded.family, cfg.train.gradient_checkpointing
         )
         # Optuna keeps intermediate values (the pruners' input) for one objective only.
