@@ -529,6 +529,7 @@ def _train(
 ) -> Any:
     from seektune.models.methods import make_trainable
     from seektune.train.checkpoints import ResumePoint, check_identity, checkpoint_identity
+    from seektune.train.preference import train_by_objective
 
     options = options or TrainOptions()
     identity = checkpoint_identity(state.cfg, data.report.get("fingerprint"))
@@ -544,12 +545,17 @@ def _train(
         model, trainable = make_trainable(
             loaded.model, state.cfg.method, loaded.family, state.cfg.train.gradient_checkpointing
         )
-        if state.cfg.train.objective != "sft":
-            result = _train_preference(state, model, loaded.tokenizer, data, identity, options)
-        else:
-            result = _train_sft(
-                state, model, loaded.tokenizer, data, domain_weights, identity, resume, options
-            )
+        result = train_by_objective(
+            state.cfg,
+            model,
+            loaded.tokenizer,
+            data,
+            state.run,
+            checkpoint_identity=identity,
+            domain_weights=domain_weights,
+            resume=resume,
+            profile=options.profile,
+        )
     counts = {"trainable_params": trainable.trainable, "total_params": trainable.total}
     if result.profile is not None:
         state.summary["profile"] = result.profile
@@ -597,53 +603,6 @@ def _train_continual(state: RunContext, loaded: Any, data: Any, identity: dict[s
     from seektune.models.methods import count_parameters
 
     return model, result, count_parameters(model)
-
-
-def _train_sft(
-    state: RunContext,
-    model: Any,
-    tokenizer: Any,
-    data: Any,
-    domain_weights: Any,
-    identity: dict[str, Any],
-    resume: Any,
-    options: TrainOptions,
-) -> Any:
-    from seektune.train.trainer import train
-
-    return train(
-        state.cfg.train,
-        model,
-        tokenizer,
-        data,
-        state.run,
-        state.cfg.seed,
-        domain_weights=domain_weights,
-        checkpoint_identity=identity,
-        resume=resume,
-        profile=options.profile,
-        eval_cfg=state.cfg.eval,
-        system_prompt=state.cfg.data.system_prompt,
-    )
-
-
-def _train_preference(
-    state: RunContext, model: Any, tokenizer: Any, data: Any, identity: dict[str, Any], options: TrainOptions
-) -> Any:
-    from seektune.train.preference import train_preference
-
-    if options.profile:
-        raise UserError("seektune train --profile profiles supervised training: set train.objective: sft")
-    return train_preference(
-        state.cfg.train,
-        model,
-        tokenizer,
-        data,
-        state.run,
-        state.cfg.seed,
-        max_length=state.cfg.data.max_length,
-        checkpoint_identity=identity,
-    )
 
 
 def _previous_study(cfg: SeektuneConfig, resume: bool) -> str | None:

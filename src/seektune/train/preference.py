@@ -247,3 +247,46 @@ def _build_trainer(trainer_class: type, **kwargs: Any) -> Any:
     trainer = trainer_class(**kwargs)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def train_by_objective(
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    run: RunDir,
+    checkpoint_identity: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    **sft_options: Any,
+) -> TrainResult:
+    """`train.objective` sft (`seektune.train.trainer.train`, with `sft_options`: resume, profile, domain
+    weights) or a preference objective (`train_preference`) of a whole config `cfg`."""
+    if cfg.train.objective == "sft":
+        from seektune.train.trainer import train
+
+        return train(
+            cfg.train,
+            model,
+            tokenizer,
+            data,
+            run,
+            cfg.seed,
+            checkpoint_identity=checkpoint_identity,
+            callbacks=callbacks,
+            eval_cfg=cfg.eval,
+            system_prompt=cfg.data.system_prompt,
+            **sft_options,
+        )
+    if sft_options.get("profile"):
+        raise UserError("seektune train --profile profiles supervised training: set train.objective: sft")
+    return train_preference(
+        cfg.train,
+        model,
+        tokenizer,
+        data,
+        run,
+        cfg.seed,
+        cfg.data.max_length,
+        checkpoint_identity=checkpoint_identity,
+        callbacks=callbacks,
+    )

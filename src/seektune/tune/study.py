@@ -324,7 +324,7 @@ class _Search:
         from seektune.models.load import load_model
         from seektune.models.methods import make_trainable
         from seektune.train.plan import check_fits
-        from seektune.train.trainer import train
+        from seektune.train.preference import train_by_objective
 
         check_fits(cfg)
         data = self.data
@@ -337,31 +337,8 @@ class _Search:
         )
         # Optuna keeps intermediate values (the pruners' input) for one objective only.
         reporter = [PruningReporter(trial)] if len(self.cfg.tune.metrics()) == 1 else []
-        if cfg.train.objective != "sft":  # the validation loss is the preference objective's
-            from seektune.train.preference import train_preference
-
-            result = train_preference(
-                cfg.train,
-                model,
-                loaded.tokenizer,
-                data,
-                run,
-                cfg.seed,
-                cfg.data.max_length,
-                callbacks=reporter,
-            )
-        else:
-            result = train(
-                cfg.train,
-                model,
-                loaded.tokenizer,
-                data,
-                run,
-                cfg.seed,
-                callbacks=reporter,
-                eval_cfg=cfg.eval,
-                system_prompt=cfg.data.system_prompt,
-            )
+        # with a preference objective, eval_loss is the preference loss on the validation pairs
+        result = train_by_objective(cfg, model, loaded.tokenizer, data, run, callbacks=reporter)
         trial.set_user_attr("steps", result.steps)
         metrics = {
             "eval_loss": result.eval_loss,
