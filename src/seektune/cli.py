@@ -141,6 +141,54 @@ def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(f"data report: {run_dir / 'data' / 'report.md'}")
 
 
+@data_app.command("from-feedback")
+def data_from_feedback(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write sft.jsonl, preference.jsonl, report.json.")
+    ],
+    store: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="The feedback store (SQLite); default: serve.feedback.store of --config, or "
+            "feedback.db in your data directory."
+        ),
+    ] = None,
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--config", "-c", help="YAML config whose serve.feedback.store to read."),
+    ] = None,
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Only responses to this public model name (e.g. an A/B split's name)."),
+    ] = None,
+    version: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Only responses of this served version."),
+    ] = None,
+) -> None:
+    """The server's recorded answers and user feedback as SFT rows and preference pairs (docs/feedback.md)."""
+    from seektune.data.feedback import write_feedback_datasets
+    from seektune.serve.feedback import default_feedback_store
+
+    if store is None:
+        configured = _load(config, []).serve.feedback.store if config is not None else None
+        store = configured or default_feedback_store()
+    report = write_feedback_datasets(store, out, model=model, version=version)
+    typer.echo(
+        f"{report['responses']} responses, {report['with_feedback']} with feedback: "
+        f"{report['sft_rows']} SFT rows, {report['preference_pairs']} preference pairs"
+    )
+    for reason, count in report["skipped"].items():
+        typer.echo(f"  skipped {count}: {reason}")
+    for name, tally in report["by_version"].items():
+        rate = "-" if tally["like_rate"] is None else f"{tally['like_rate']:.0%}"
+        typer.echo(
+            f"  {name}: {tally['responses']} answers, {tally['rated']} rated, liked {rate}, "
+            f"{tally['corrected']} corrected"
+        )
+    typer.echo(f"written: {out / 'sft.jsonl'}, {out / 'preference.jsonl'}, {out / 'report.json'}")
+
+
 @app.command()
 def train(
     config: ConfigArg,

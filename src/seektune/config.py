@@ -1202,6 +1202,33 @@ def api_key_problem(key: str) -> str | None:
     return None
 
 
+class FeedbackConfig(Section):
+    """What the server records for the feedback loop (`POST /v1/feedback`, `seektune data from-feedback`)."""
+
+    enabled: bool = Field(
+        False, description="Record prompts, answers and user feedback in the feedback store."
+    )
+    store: Path | None = Field(
+        None,
+        description="SQLite file of the feedback store; None: feedback.db in seektune's user data folder.",
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="Personal-data masking applied before anything is stored (the data stage's detectors).",
+    )
+    max_pending: int = Field(
+        10_000,
+        ge=1,
+        description="Records waiting to be written; beyond it new ones are dropped (and counted in "
+        "/metrics), so recording never holds up a request.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class ServeConfig(Section):
     """The OpenAI-compatible server (`seektune serve`)."""
 
@@ -1242,6 +1269,7 @@ class ServeConfig(Section):
                 raise ValueError(problem)
         return value
 
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="Feedback recording.")
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long running requests may take to finish."
     )

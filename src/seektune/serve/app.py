@@ -10,8 +10,11 @@ for the disconnect while it waits.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (the process
 lives), GET /ready (the engine runs and the server is not draining), GET /metrics (Prometheus), and for
-admin keys POST /v1/admin/adapters {name, path} and DELETE /v1/admin/adapters/{name}. /health, /ready and
-/metrics need no key. A response's `model` is the name the client asked for; the header
+admin keys POST /v1/admin/adapters {name, path} and DELETE /v1/admin/adapters/{name}. With
+serve.feedback.enabled, every finished choice is recorded in the feedback store (`seektune.serve.feedback`:
+queued, never waited for) and POST /v1/feedback {response_id, index, rating, correction, comment, user}
+attaches a user's verdict to it. /health, /ready and /metrics need no key. A response's `model` is the
+name the client asked for; the header
 `x-seektune-version` names the served model that answered (they differ behind an A/B split).
 """
 
@@ -43,6 +46,7 @@ from seektune.serve.errors import (
     install_error_handlers,
     parse_body,
 )
+from seektune.serve.feedback import FeedbackRecord, FeedbackStore, ResponseRecord, StoreFull, new_feedback_id
 from seektune.serve.metrics import RequestCountMiddleware, ServeMetrics, set_request_labels
 from seektune.serve.routing import Route, Router
 
@@ -73,6 +77,7 @@ class ServerState:
     metrics: ServeMetrics
     max_positions: int | None
     vocab_size: int
+    feedback: FeedbackStore | None = None
     created: int = field(default_factory=protocol.now)
     draining: bool = False
 
@@ -107,6 +112,7 @@ def create_app(
         metrics=metrics,
         max_positions=max_positions,
         vocab_size=int(getattr(engine, "vocab_size", None) or len(tokenizer)),
+        feedback=_open_feedback(cfg, metrics),
     )
 
     @asynccontextmanager
@@ -117,6 +123,8 @@ def create_app(
         state.draining = True
         if manage_engine:
             await asyncio.to_thread(engine.stop, cfg.shutdown_timeout_s)
+        if state.feedback is not None:  # after the engine: the last requests' records are queued by now
+            await asyncio.to_thread(state.feedback.close)
 
     app = FastAPI(title="seektune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -128,6 +136,21 @@ def create_app(
     app.add_middleware(CatchAllMiddleware)
     _add_routes(app, state)
     return app
+
+
+def _open_feedback(cfg: ServeConfig, metrics: ServeMetrics) -> FeedbackStore | None:
+    """The feedback store when serve.feedback.enabled (a UserError when its file cannot be used)."""
+    if not cfg.feedback.enabled:
+        return None
+    from seektune.serve.feedback import default_feedback_store
+
+    path = cfg.feedback.store or default_feedback_store()
+    store = FeedbackStore(
+        path, cfg.feedback.privacy, cfg.feedback.max_pending, on_outcome=metrics.observe_feedback
+    )
+    metrics.watch_feedback(lambda: store.pending)
+    logger.info("recording answers and feedback in %s", store.path)
+    return store
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
@@ -170,6 +193,66 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = parse_body(await request.body(), protocol.CompletionRequest)
         return await _completions(request, state, body)
 
+    @app.post("/v1/feedback", dependencies=[api])
+    async def feedback(request: Request) -> JSONResponse:
+        store = state.feedback
+        if store is None:
+            raise APIError(
+                404,
+                "this server does not record feedback: start it with serve.feedback.enabled: true",
+                code="feedback_disabled",
+            )
+        body = parse_body(await request.body(), protocol.FeedbackRequest)
+        if body.rating is None and body.correction is None and body.comment is None:
+            raise APIError(400, "send a rating (-1, 0 or 1), a correction or a comment", param="rating")
+        if body.correction is not None and not body.correction.strip():
+            raise APIError(
+                400, "correction is blank: send the answer the model should have given", param="correction"
+            )
+        choices = await asyncio.to_thread(store.choices_of, body.response_id)
+        if choices is None:
+            raise APIError(
+                404,
+                f"no response {body.response_id!r} was recorded by this server: send the 'id' of a chat or "
+                "completion response it gave while recording",
+                param="response_id",
+                code="response_not_found",
+            )
+        if body.index >= choices:
+            raise APIError(
+                400,
+                f"response {body.response_id!r} has {choices} choice(s); index {body.index} is not one",
+                param="index",
+            )
+        record = FeedbackRecord(
+            new_feedback_id(),
+            body.response_id,
+            body.index,
+            body.rating,
+            body.correction,
+            body.comment,
+            body.user,
+        )
+        try:
+            store.record_feedback(record)
+        except StoreFull as exc:
+            raise APIError(
+                503,
+                f"the feedback store is busy ({exc}): send it again",
+                code="feedback_busy",
+                headers={"Retry-After": "1"},
+            ) from None
+        return JSONResponse(
+            {
+                "id": record.id,
+                "object": "feedback",
+                "response_id": record.response_id,
+                "index": record.choice,
+                "created": int(record.created),
+            },
+            status_code=201,
+        )
+
     @app.post("/v1/admin/adapters", dependencies=[admin])
     async def load_adapter(request: Request) -> JSONResponse:
         body = parse_body(await request.body(), protocol.LoadAdapterRequest)
@@ -210,6 +293,8 @@ class _Job:
     params: SamplingParams
     arrived: float
     echo_texts: list[str] | None = None  # completions echo: the prompt texts
+    user: str | None = None
+    recorded_prompts: list[Any] = field(default_factory=list)  # for the feedback store: messages or texts
 
 
 def _check_params(state: ServerState, body: Any, prompts: list[list[int]], echo: bool) -> SamplingParams:
@@ -346,7 +431,9 @@ async def _chat(request: Request, state: ServerState, body: protocol.ChatComplet
     params = _check_params(state, body, [prompt], echo=False)
     if body.logprobs:
         params.logprobs = body.top_logprobs or 0
-    job = _Job(route, [prompt], params, arrived)
+    job = _Job(route, [prompt], params, arrived, user=body.user)
+    if state.feedback is not None:
+        job.recorded_prompts = [{"role": m.role, "content": m.text()} for m in body.messages]
     handles = _submit(state, job)
     request_id = protocol.new_id("chatcmpl")
     headers = {VERSION_HEADER: route.version}
@@ -354,6 +441,7 @@ async def _chat(request: Request, state: ServerState, body: protocol.ChatComplet
         stream = _chat_stream(request, state, job, handles, request_id, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     choices, completion_tokens = await _collect(request, state, job, handles)
+    _record(state, request_id, "chat", job, [(c.text, c.finish_reason) for c in choices])
     payload = protocol.chat_response(
         request_id,
         route.public,
@@ -385,7 +473,8 @@ async def _completions(request: Request, state: ServerState, body: protocol.Comp
     params = _check_params(state, body, prompts, echo=echo)
     params.logprobs = body.logprobs
     params.echo_logprobs = echo and body.logprobs is not None
-    job = _Job(route, prompts, params, arrived, echo_texts=texts if echo else None)
+    job = _Job(route, prompts, params, arrived, echo_texts=texts if echo else None, user=body.user)
+    job.recorded_prompts = texts
     handles = _submit(state, job)
     request_id = protocol.new_id("cmpl")
     headers = {VERSION_HEADER: route.version}
@@ -393,6 +482,7 @@ async def _completions(request: Request, state: ServerState, body: protocol.Comp
         stream = _completion_stream(request, state, job, handles, request_id, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     choices, completion_tokens = await _collect(request, state, job, handles)
+    _record(state, request_id, "completion", job, [(c.text, c.finish_reason) for c in choices])
     out = []
     for c in choices:
         text, logprobs = c.text, None
@@ -411,6 +501,26 @@ async def _completions(request: Request, state: ServerState, body: protocol.Comp
         request_id, route.public, protocol.now(), out, sum(len(p) for p in prompts), completion_tokens
     )
     return JSONResponse(payload, headers=headers)
+
+
+def _record(
+    state: ServerState, request_id: str, endpoint: str, job: _Job, outputs: list[tuple[str, str | None]]
+) -> None:
+    """Queue a finished request for the feedback store, when it records (never waits)."""
+    if state.feedback is None:
+        return
+    state.feedback.record_response(
+        ResponseRecord(
+            request_id,
+            endpoint,
+            job.route.public,
+            job.route.version,
+            job.user,
+            job.recorded_prompts,
+            outputs,
+            n=job.params.n,
+        )
+    )
 
 
 def _route(request: Request, state: ServerState, model: str, user: str | None) -> Route:
@@ -573,6 +683,27 @@ def _error_event(handle: GenerationHandle) -> str:
     return protocol.sse(error_body(error.message, error.type, error.param, error.code))
 
 
+class _StreamedOutputs:
+    """A stream's choices as they come, for the feedback store (kept only when it records)."""
+
+    def __init__(self, state: ServerState, choices: int) -> None:
+        self.state = state
+        self.on = state.feedback is not None
+        self.texts = [""] * choices if self.on else []
+        self.finish: list[str | None] = [None] * choices if self.on else []
+
+    def add(self, index: int, delta: ChoiceDelta) -> None:
+        if self.on:
+            self.texts[index] += delta.text
+            if delta.finish_reason is not None:
+                self.finish[index] = delta.finish_reason
+
+    def record(self, request_id: str, endpoint: str, job: _Job) -> None:
+        """Record the whole stream (not when the server aborted a choice at shutdown)."""
+        if self.on and "abort" not in self.finish:
+            _record(self.state, request_id, endpoint, job, list(zip(self.texts, self.finish, strict=True)))
+
+
 async def _chat_stream(
     request: Request,
     state: ServerState,
@@ -587,6 +718,7 @@ async def _chat_stream(
     merged = _Merged(handles)
     with_logprobs = job.params.logprobs is not None
     completed = False
+    outputs = _StreamedOutputs(state, len(handles) * n)
     try:
         for index in range(len(handles) * n):
             yield protocol.sse(
@@ -599,6 +731,7 @@ async def _chat_stream(
             if delta.finish_reason == "error":
                 yield _error_event(handles[position])
                 break
+            outputs.add(index, delta)
             if delta.text or delta.logprobs:
                 logprobs = protocol.chat_logprobs(delta.logprobs) if with_logprobs else None
                 yield protocol.sse(
@@ -611,6 +744,7 @@ async def _chat_stream(
                     protocol.chat_chunk(request_id, model, created, index, {}, delta.finish_reason)
                 )
         else:
+            outputs.record(request_id, "chat", job)
             if include_usage:
                 yield protocol.sse(
                     protocol.usage_chunk(
@@ -647,6 +781,7 @@ async def _completion_stream(
     completed = False
     started: set[int] = set()
     legacy: dict[int, protocol.CompletionLogprobs] = {}
+    outputs = _StreamedOutputs(state, len(handles) * n)
     try:
         while (item := await merged.next()) is not None:
             position, delta = item
@@ -655,6 +790,7 @@ async def _completion_stream(
             if delta.finish_reason == "error":
                 yield _error_event(handles[position])
                 break
+            outputs.add(index, delta)
             text = delta.text
             logs = legacy.setdefault(index, protocol.CompletionLogprobs())
             if index not in started:
@@ -678,6 +814,7 @@ async def _completion_stream(
                     )
                 )
         else:
+            outputs.record(request_id, "completion", job)
             if include_usage:
                 yield protocol.sse(
                     protocol.usage_chunk(

@@ -15,6 +15,8 @@ hook feeds the batch size and the token rate, and the gauges read the engine's s
     seektune_running_sequences                              gauge
     seektune_batch_size                                     histogram, one observation per decode step
     seektune_kv_cache_usage_ratio                           gauge, kv_tokens / kv_capacity
+    seektune_feedback_records_total{kind,outcome}           response|feedback; stored|dropped|failed
+    seektune_feedback_pending                               gauge, records waiting to be written
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ ENDPOINTS = {
     "/v1/models": "models",
     "/v1/admin/adapters": "admin",
     "/v1/admin/adapters/{name}": "admin",
+    "/v1/feedback": "feedback",
 }
 
 
@@ -135,6 +138,28 @@ class ServeMetrics:
             registry=self.registry,
         )
         self.kv_cache_usage.set_function(self._kv_usage)
+        self.feedback_records = Counter(
+            "seektune_feedback_records",
+            "Records for the feedback store, by kind (response, feedback) and outcome (stored; dropped: "
+            "the writer's queue was full; failed: the write failed).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.feedback_pending = Gauge(
+            "seektune_feedback_pending",
+            "Feedback-store records waiting to be written.",
+            registry=self.registry,
+        )
+        self._feedback_pending: Callable[[], int] = lambda: 0
+        self.feedback_pending.set_function(lambda: self._feedback_pending())
+
+    def watch_feedback(self, pending: Callable[[], int]) -> None:
+        """Read the feedback store's queue length at scrape time."""
+        self._feedback_pending = pending
+
+    def observe_feedback(self, kind: str, outcome: str) -> None:
+        """The feedback store's on_outcome (called on the request's or the writer's thread)."""
+        self.feedback_records.labels(kind, outcome).inc()
 
     def _stat(self, name: str) -> float:
         if self._stats is None:

@@ -114,6 +114,17 @@ class LoadAdapterRequest(_Request):
     path: str = Field(min_length=1)
 
 
+class FeedbackRequest(_Request):
+    """POST /v1/feedback: a user's verdict on one choice of a response this server gave."""
+
+    response_id: str = Field(min_length=1, max_length=200)
+    index: int = Field(0, ge=0)
+    rating: int | None = Field(None, ge=-1, le=1)  # -1 bad, 0 neutral, 1 good (thumbs down / up)
+    correction: str | None = Field(None, min_length=1)  # the answer the model should have given
+    comment: str | None = None
+    user: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Responses
 
