@@ -143,7 +143,9 @@ def test_bad_feedback_is_refused_with_what_to_send(recording, body, status, says
 def test_feedback_needs_the_api_key_and_is_counted_in_metrics(recording) -> None:
     client, store, _ = recording
     known = _chat(client, max_tokens=2)["id"]
-    anonymous = httpx.post(str(client.base_url.join("/v1/feedback")), json={"response_id": known, "rating": 1})
+    anonymous = httpx.post(
+        str(client.base_url.join("/v1/feedback")), json={"response_id": known, "rating": 1}
+    )
     assert anonymous.status_code == 401
     store.flush()
     metrics = client.get("/metrics").text
