@@ -468,6 +468,41 @@ def serve(
     run_server(cfg, model_or_run, adapters)
 
 
+@app.command()
+def ui(
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML config: its ui:, serve: and registry: sections, and where the launch form starts.",
+        ),
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (ui.host).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port to bind (ui.port).")] = None,  # noqa: UP045
+    runs: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder of run directories to list (ui.runs_dir; default: output_dir)."),
+    ] = None,
+    server: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="URL of the seektune server the playground talks to (ui.server_url)."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """The web dashboard: runs with live curves, launch and stop jobs, the registry, a chat playground."""
+    from seektune.config import read_config_file
+    from seektune.ui.server import run_ui, ui_settings
+
+    overrides = list(set_ or [])
+    for key, value in (("host", host), ("port", port), ("runs_dir", runs), ("server_url", server)):
+        if value is not None:
+            overrides.append(f"ui.{key}={value if isinstance(value, int) else json.dumps(str(value))}")
+    cfg = _load(config, overrides)
+    raw = read_config_file(config) if config is not None else {}
+    run_ui(cfg, ui_settings(cfg, raw, config))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # seektune registry ...
 

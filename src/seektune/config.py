@@ -1319,6 +1319,56 @@ class RegistryConfig(Section):
     )
 
 
+class UiConfig(Section):
+    """The web dashboard (`seektune ui`, docs/ui.md)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind; anything but loopback asks every browser for one of serve.api_keys.",
+    )
+    port: int = Field(7860, ge=1, le=65535, description="Port to bind.")
+    runs_dir: Path | None = Field(
+        None, description="Folder whose run directories the dashboard lists; None: output_dir."
+    )
+    jobs_dir: Path | None = Field(
+        None,
+        description="Folder for the configs and logs of jobs started from the dashboard; None: ui-jobs in "
+        "seektune's user data folder.",
+    )
+    server_url: str | None = Field(
+        None,
+        description="The seektune server the playground talks to; None: http://serve.host:serve.port.",
+    )
+    server_api_key: str | None = Field(
+        None,
+        description="Key the dashboard sends to that server; None: the key the browser logged in with, "
+        "else the first of serve.api_keys.",
+    )
+    max_jobs: int = Field(
+        2, ge=1, description="Jobs that may run at once; a launch beyond it is refused until one ends."
+    )
+
+    @field_validator("runs_dir", "jobs_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. http://127.0.0.1:8000")
+        return value.rstrip("/") if value else value
+
+    @field_validator("server_api_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        problem = api_key_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
 class SeektuneConfig(Section):
     """A whole seektune run."""
 
@@ -1337,6 +1387,7 @@ class SeektuneConfig(Section):
     )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Registry.")
+    ui: UiConfig = Field(default_factory=UiConfig, description="Web dashboard.")
 
     @field_validator("output_dir")
     @classmethod
@@ -1360,7 +1411,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_config_file(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
     return validate_config(raw, source)
@@ -1374,7 +1425,8 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> SeektuneCo
         raise UserError(_describe_validation_error(exc, source)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's contents as a dict (a UserError naming the file and line when it cannot be read)."""
     if path.is_dir():
         raise UserError(f"config {path} is a folder: give the path of a YAML file in it (see configs/)")
     if not path.is_file():
